@@ -1,0 +1,56 @@
+"""The evaluation engine: forward passes under ``torch.no_grad()`` feeding Ignite metrics."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+from ignite.engine import Engine
+from ignite.metrics import Accuracy, Loss, Metric
+from torch import nn
+
+from engine.amp import autocast_context
+from engine.device import move_batch, resolve_device
+
+__all__ = ["create_evaluator", "default_metrics"]
+
+
+def default_metrics(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, Metric]:
+    """Per-sample mean ``loss`` and ``accuracy`` (Ignite's ``Loss`` and ``Accuracy``)."""
+    return {"loss": Loss(loss_fn), "accuracy": Accuracy()}
+
+
+def create_evaluator(
+    model: nn.Module,
+    metrics: Mapping[str, Metric],
+    *,
+    device: str | torch.device | None = None,
+    non_blocking: bool | None = None,
+    amp: str | None = None,
+    channels_last: bool = False,
+) -> Engine:
+    """Build an evaluator: an Ignite ``Engine`` whose output is ``(y_pred, y)``, with ``metrics`` attached.
+
+    Metrics are exact per-sample means over the whole pass, a short last batch included;
+    after ``evaluator.run(loader)`` they are in ``evaluator.state.metrics``.
+    """
+    device = resolve_device(device)
+    if non_blocking is None:
+        non_blocking = device.type == "cuda"
+    autocast_context(device, amp)  # validate now
+
+    @torch.no_grad()
+    def step(engine: Engine, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if model.training:
+            model.eval()
+        x, y = move_batch(batch, device, non_blocking)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp):
+            y_pred = model(x)
+        return y_pred.float(), y
+
+    engine = Engine(step)
+    for name, metric in metrics.items():
+        metric.attach(engine, name)
+    return engine

@@ -1,0 +1,349 @@
+"""Train a CNN on MNIST with the engine and its handlers.
+
+    python examples/train_mnist.py                       # the fast default recipe
+    python examples/train_mnist.py --preset seed         # the seed's loop, reproduced
+    python examples/train_mnist.py --resume auto --output-dir runs/my-run
+
+Read top to bottom: arguments -> data -> model -> engines -> handlers -> run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+EXIT_USAGE, EXIT_NAN = 2, 3
+
+
+# ----------------------------------------------------------------------------- models
+class SeedNet(nn.Module):
+    """The seed's CNN: conv32 -> conv64 -> maxpool -> dropout -> fc128 -> dropout -> fc10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class FastNet(nn.Module):
+    """A small, fast CNN: two conv-BN-ReLU-pool blocks and a linear head."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.net = nn.Sequential(
+            nn.Conv2d(1, w, 5, padding=2, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4 * w, 10),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+MODELS = {"seed": SeedNet, "fast": FastNet}
+
+# ----------------------------------------------------------------------------- settings
+PRESETS = {
+    "seed": dict(model="seed", optimizer="adam", epochs=5, batch_size=64, val_batch_size=1000, lr=1e-3,
+                 weight_decay=0.0, scheduler="none", warmup_epochs=0.0, data_path="torchvision", label_smoothing=0.0),
+    "fast": dict(model="fast", optimizer="adam", epochs=3, batch_size=128, val_batch_size=2000, lr=4e-3,
+                 weight_decay=0.0, scheduler="onecycle", warmup_epochs=0.0, data_path="memory", label_smoothing=0.0),
+}  # fmt: skip
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag costs one line on stderr (and exit code 2), not the whole usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description="Train a CNN on MNIST.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="fast", help="starting settings; flags override")
+    p.add_argument("--data-dir", default=os.environ.get("MNIST_ROOT") or "./data",
+                   help="folder holding MNIST/raw (default: $MNIST_ROOT, else ./data)")
+    p.add_argument("--no-download", action="store_true", help="never try to download MNIST")
+    p.add_argument("--output-dir", default=None, help="run folder (default: runs/mnist-<timestamp>)")
+    p.add_argument("--resume", default=None, help="'auto' (newest valid last_*.pt in --output-dir) or a path")
+    g = p.add_argument_group("recipe (default: from --preset)")
+    g.add_argument("--model", choices=sorted(MODELS))
+    g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    g.add_argument("--epochs", type=positive_int)
+    g.add_argument("--batch-size", type=positive_int)
+    g.add_argument("--val-batch-size", type=positive_int)
+    g.add_argument("--lr", type=positive_float)
+    g.add_argument("--weight-decay", type=non_negative_float)
+    g.add_argument("--label-smoothing", type=non_negative_float)
+    g.add_argument("--scheduler", choices=["none", "step", "cosine", "onecycle", "plateau"])
+    g.add_argument("--warmup-epochs", type=non_negative_float)
+    g.add_argument("--data-path", choices=["memory", "torchvision"], help="tensors on the device, or a DataLoader")
+    g = p.add_argument_group("handlers")
+    g.add_argument("--val-every", type=positive_int, default=1, help="validate every N epochs (and after the last)")
+    g.add_argument("--patience", type=non_negative_int, default=3, help="early stopping; 0 switches it off")
+    g.add_argument("--min-delta", type=non_negative_float, default=0.0)
+    g.add_argument("--early-stop-warmup", type=non_negative_int, default=0, help="epochs never judged")
+    g.add_argument("--n-saved", type=positive_int, default=2, help="best checkpoints kept")
+    g.add_argument("--log-every", type=non_negative_int, default=50, help="batch lines every N batches (0: none)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("engine")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers (torchvision path)")
+    g.add_argument("--limit-train-batches", type=positive_int, default=None, help="cap training batches per epoch")
+    g.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision")
+    g.add_argument("--accumulation-steps", type=positive_int, default=1)
+    g.add_argument("--clip-grad-norm", type=positive_float, default=None)
+    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    """Preset values, overridden by every flag given explicitly."""
+    config = dict(PRESETS[args.preset])
+    for key, value in vars(args).items():
+        if value is not None or key not in config:
+            config[key] = value
+    return config
+
+
+def make_output_dir(config: dict) -> Path:
+    from engine import ConfigError
+
+    out = Path(config["output_dir"] or f"runs/mnist-{time.strftime('%Y%m%d-%H%M%S')}")
+    if config["resume"] is None and out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output dir {out} already holds a run: pass --resume auto to continue it, "
+                          f"or choose another --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+def load_mnist(root: str, train: bool, download: bool, transform=None):
+    """torchvision's MNIST from ``root`` (holding ``MNIST/raw``); downloaded if missing and allowed."""
+    import torchvision
+    from engine import ConfigError
+
+    raw = Path(root) / "MNIST" / "raw"
+    try:
+        return torchvision.datasets.MNIST(root, train=train, download=False, transform=transform)
+    except RuntimeError:
+        pass
+    if download:
+        try:
+            return torchvision.datasets.MNIST(root, train=train, download=True, transform=transform)
+        except Exception as exc:  # offline, proxy, disk: all end the same way for the user
+            reason = f"download failed: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}"
+    else:
+        reason = "downloading is switched off"
+    raise ConfigError(f"MNIST not found in {raw.resolve()} ({reason}); put the four IDX files there, "
+                      f"or point --data-dir / MNIST_ROOT at a folder holding MNIST/raw")
+
+
+def check_dataset(images: torch.Tensor, labels: torch.Tensor, name: str, num_classes: int = 10) -> None:
+    """Fail early, in one line, on data the model cannot learn from."""
+    from engine import ConfigError
+
+    if images.shape[0] == 0:
+        raise ConfigError(f"the {name} set is empty: check --data-dir")
+    if images.shape[0] != labels.shape[0]:
+        raise ConfigError(f"the {name} set has {images.shape[0]} images but {labels.shape[0]} labels")
+    if tuple(images.shape[1:]) != (28, 28):
+        raise ConfigError(f"the {name} set has images of shape {tuple(images.shape[1:])}; the model needs 28x28")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ConfigError(f"the {name} set has {labels.dtype} labels; class labels must be integers")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ConfigError(f"the {name} set has labels in [{low}, {high}]; they must lie in [0, {num_classes - 1}]")
+
+
+def make_loaders(config: dict, device: torch.device):
+    """(train_loader, val_loader, train_state_object_or_None) for the chosen data path."""
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    from engine import InMemoryLoader, LimitedLoader
+
+    download = not config["no_download"]
+    limit = config["limit_train_batches"]
+    if config["data_path"] == "memory":
+        sets = [load_mnist(config["data_dir"], train, download) for train in (True, False)]
+        for ds, name in zip(sets, ("training", "test")):
+            check_dataset(ds.data, ds.targets, name)
+        x_train, x_val = ((ds.data.float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)).unsqueeze_(1) for ds in sets)
+        train = InMemoryLoader(x_train, sets[0].targets, config["batch_size"], shuffle=True, drop_last=False,
+                               seed=config["seed"], device=device, max_batches=limit)
+        val = InMemoryLoader(x_val, sets[1].targets, config["val_batch_size"], shuffle=False, device=device)
+        return train, val, train
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+    sets = [load_mnist(config["data_dir"], train, download, tf) for train in (True, False)]
+    for ds, name in zip(sets, ("training", "test")):
+        check_dataset(ds.data, ds.targets, name)
+    pin = device.type == "cuda"
+    kw = dict(num_workers=config["num_workers"], pin_memory=pin)
+    train = DataLoader(sets[0], batch_size=config["batch_size"], shuffle=True, **kw)
+    val = DataLoader(sets[1], batch_size=config["val_batch_size"], shuffle=False, **kw)
+    return (LimitedLoader(train, limit) if limit else train), val, None
+
+
+def make_optimizer(config: dict, model: nn.Module) -> torch.optim.Optimizer:
+    name, lr, wd = config["optimizer"], config["lr"], config["weight_decay"]
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+
+
+# ----------------------------------------------------------------------------- run
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = resolve_config(args)
+
+    from ignite.metrics import Accuracy, Loss
+
+    from engine import create_evaluator, create_trainer, resolve_device
+    from handlers import (
+        ConsoleLogger, EarlyStopping, History, LRSchedule, NanGuard, RNGState, SampleCount, TrainingCheckpoint,
+        TrainMetrics, Validation, find_resume_checkpoint, load_checkpoint, restore, seed_everything,
+        write_json_atomic, write_line,
+    )  # fmt: skip
+
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    device = resolve_device(config["device"])
+    if config["warmup_epochs"] >= config["epochs"]:
+        from engine import ConfigError
+
+        raise ConfigError(f"--warmup-epochs ({config['warmup_epochs']}) must be less than --epochs ({config['epochs']})")
+    out = make_output_dir(config)
+    started = time.perf_counter()
+
+    # data
+    seed_everything(config["seed"])
+    train_loader, val_loader, data_state = make_loaders(config, device)
+
+    # model and optimizer
+    model = MODELS[config["model"]]().to(device)
+    optimizer = make_optimizer(config, model)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    run_model = torch.compile(model) if config["compile"] else model
+
+    # engines
+    trainer = create_trainer(run_model, optimizer, loss_fn, device=device, amp=config["amp"],
+                             accumulation_steps=config["accumulation_steps"], clip_grad_norm=config["clip_grad_norm"],
+                             channels_last=config["channels_last"])
+    evaluator = create_evaluator(run_model, {"loss": Loss(nn.CrossEntropyLoss()), "accuracy": Accuracy(),
+                                             "samples": SampleCount()},
+                                 device=device, amp=config["amp"], channels_last=config["channels_last"])
+
+    # handlers (their order of execution is fixed by stage, not by the order below)
+    train_metrics = TrainMetrics().attach(trainer)
+    Validation(evaluator, val_loader, every=config["val_every"]).attach(trainer)
+    schedule = LRSchedule(config["scheduler"], optimizer, epochs=config["epochs"], epoch_length=len(train_loader),
+                          warmup_epochs=config["warmup_epochs"]).attach(trainer)
+    history = History(out / "history.json", extra={"lr": lambda: schedule.lr}).attach(trainer)
+    early_stopping = EarlyStopping(trainer, patience=config["patience"], min_delta=config["min_delta"],
+                                   warmup=config["early_stop_warmup"], log=write_line).attach()
+    nan_guard = NanGuard(log=write_line).attach(trainer)
+    to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "lr_schedule": schedule,
+               "early_stopping": early_stopping, "history": history, "train_metrics": train_metrics,
+               "rng": RNGState()}
+    if trainer.scaler is not None:
+        to_save["scaler"] = trainer.scaler
+    if data_state is not None:
+        to_save["data"] = data_state
+    checkpoint = TrainingCheckpoint(out / "checkpoints", to_save, n_saved=config["n_saved"],
+                                    skip_if=lambda: nan_guard.triggered).attach(trainer)
+    ConsoleLogger(train_metrics, log_every=config["log_every"]).attach(trainer)
+
+    # resume
+    if config["resume"]:
+        if config["resume"] == "auto":
+            found = find_resume_checkpoint(out / "checkpoints", log=write_line)
+            if found is None:
+                write_line(f"No checkpoint in {out / 'checkpoints'}: starting a new run")
+        else:
+            path = Path(config["resume"])
+            found = (path, load_checkpoint(path))
+        if found is not None:
+            path, state = found
+            restore({k: v for k, v in to_save.items()}, state, path)
+            checkpoint.load_bookkeeping(state, path)
+            write_line(f"Resumed from {path} (epoch {trainer.state.epoch}, iteration {trainer.state.iteration})")
+            config["resumed_from"] = str(path)
+    write_json_atomic(out / "config.json", {**config, "device": str(device), "output_dir": str(out)})
+
+    # run
+    if trainer.state.epoch < config["epochs"]:
+        trainer.run(train_loader, max_epochs=config["epochs"])
+    history.write()
+
+    # summary
+    best = history.best()
+    total = time.perf_counter() - started
+    if best is not None:
+        write_line(f"Best val accuracy {best['val_accuracy'] * 100:.2f}% at epoch {best['epoch']}; "
+                   f"{len(history.epochs)} epoch(s), {total:.1f} s")
+    write_line(f"Run folder: {out} (history.json, config.json, checkpoints/)")
+    return EXIT_NAN if nan_guard.triggered else 0
+
+
+if __name__ == "__main__":
+    from engine.errors import ConfigError
+
+    try:
+        sys.exit(main())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

@@ -1,0 +1,297 @@
+"""Crash-safe checkpoints: the best ``n_saved`` by validation score and the latest, and resume.
+
+Ignite's ``Checkpoint`` decides what to keep and names the files; this module adds what it lacks:
+``SafeDiskSaver`` writes to a temp file, fsyncs it, renames it and fsyncs the directory, and only
+*then* removes the file that rotation dropped (Ignite removes it first, so a kill in between
+leaves nothing). No state with a non-finite parameter is ever written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from torch import nn
+
+from engine.errors import CheckpointError
+from handlers.ordering import Stage, attach_ordered
+
+__all__ = [
+    "FORMAT",
+    "SafeDiskSaver",
+    "TrainingCheckpoint",
+    "find_resume_checkpoint",
+    "load_checkpoint",
+    "restore",
+]
+
+FORMAT = "ignite-trainer-checkpoint"
+VERSION = 1
+_LAST_RE = re.compile(r"^last_iter=(\d+)\.pt$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class SafeDiskSaver(DiskSaver):
+    """Ignite's ``DiskSaver``, made crash-safe: temp file, fsync, ``os.replace``, fsync the directory,
+    and removals deferred until the new file is in place. A failed save leaves no temp file."""
+
+    def __init__(self, dirname: str | Path, **kwargs: Any) -> None:
+        super().__init__(dirname, atomic=True, create_dir=True, require_empty=False, **kwargs)
+        self._pending_removals: list[str] = []
+
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".pt.part", dir=self.dirname)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                func(checkpoint, f, **self.kwargs)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            try:
+                os.remove(tmp_name)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(Path(self.dirname))
+        for name in self._pending_removals:
+            try:
+                (Path(self.dirname) / name).unlink()
+            except FileNotFoundError:
+                pass
+        self._pending_removals.clear()
+
+    def remove(self, filename: str) -> None:
+        """Called by ``Checkpoint`` before the save: remember, remove after the save succeeded."""
+        self._pending_removals.append(filename)
+
+
+class _Meta:
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION}
+
+
+class _Bookkeeping:
+    """The other rotation's list of files, so each file can restore both."""
+
+    def __init__(self) -> None:
+        self.checkpoint: Checkpoint | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        saved = self.checkpoint._saved if self.checkpoint is not None else []
+        return {"saved": [(p, f) for p, f in saved]}
+
+
+def _all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+
+
+class TrainingCheckpoint:
+    """Saves ``to_save`` into ``dirname``: ``best_epoch=E_<metric>=S.pt`` (the ``n_saved`` best by
+    ``metric``) and ``last_iter=I.pt`` (the ``n_last`` latest), at each epoch end (Stage.CHECKPOINT).
+
+    ``to_save`` maps names to objects with ``state_dict``; it must hold ``"model"`` and ``"trainer"``.
+    Each file also holds the rotation bookkeeping and a format marker, and loads with
+    ``torch.load(path, weights_only=True)``. ``skip_if`` (e.g. a tripped NaN guard) vetoes a save.
+    """
+
+    def __init__(
+        self,
+        dirname: str | Path,
+        to_save: Mapping[str, Any],
+        *,
+        metric: str = "val_accuracy",
+        n_saved: int = 2,
+        n_last: int = 2,
+        skip_if: Callable[[], bool] | None = None,
+    ) -> None:
+        if not isinstance(n_saved, int) or n_saved < 1 or not isinstance(n_last, int) or n_last < 1:
+            raise ValueError(f"n_saved and n_last must be integers >= 1, got {n_saved!r}, {n_last!r}")
+        for key in ("model", "trainer"):
+            if key not in to_save:
+                raise ValueError(f"to_save must hold {key!r}")
+        reserved = {"meta", "checkpointer", "other_checkpointer"} & set(to_save)
+        if reserved:
+            raise ValueError(f"to_save may not use the reserved keys {sorted(reserved)}")
+        self.dirname = Path(dirname)
+        self.metric = metric
+        self.model: nn.Module = to_save["model"]
+        self.trainer: Engine = to_save["trainer"]
+        self.skip_if = skip_if
+        self.saver = SafeDiskSaver(self.dirname)
+        base = {**to_save, "meta": _Meta()}
+        other_of_best, other_of_last = _Bookkeeping(), _Bookkeeping()
+        self.best = Checkpoint(
+            {**base, "other_checkpointer": other_of_best},
+            self.saver,
+            filename_prefix="best",
+            score_function=lambda engine: float(engine.state.metrics[metric]),
+            score_name=metric,
+            n_saved=n_saved,
+            global_step_transform=lambda engine, _: engine.state.epoch,
+            filename_pattern="{filename_prefix}_epoch={global_step}_{score_name}={score}.{ext}",
+            include_self=True,
+        )
+        self.last = Checkpoint(
+            {**base, "other_checkpointer": other_of_last},
+            self.saver,
+            filename_prefix="last",
+            n_saved=n_last,
+            global_step_transform=lambda engine, _: engine.state.iteration,
+            filename_pattern="{filename_prefix}_iter={global_step}.{ext}",
+            include_self=True,
+        )
+        other_of_best.checkpoint, other_of_last.checkpoint = self.last, self.best
+
+    def attach(self, trainer: Engine) -> "TrainingCheckpoint":
+        attach_ordered(trainer, Events.EPOCH_COMPLETED, self, Stage.CHECKPOINT)
+        return self
+
+    def __call__(self, engine: Engine) -> None:
+        self.save(engine, best=True)
+
+    def save(self, engine: Engine, best: bool = True) -> None:
+        """Save ``last`` (and ``best``, when ``best`` and the score is finite and among the top)."""
+        if self.skip_if is not None and self.skip_if():
+            return
+        if not _all_finite(self.model):
+            return
+        score = engine.state.metrics.get(self.metric)
+        if best and score is not None and math.isfinite(float(score)):
+            self.best(engine)
+        self.last(engine)
+
+    @property
+    def best_path(self) -> Path | None:
+        """The best file kept so far."""
+        return self.dirname / self.best._saved[-1].filename if self.best._saved else None
+
+    @property
+    def last_path(self) -> Path | None:
+        """The newest ``last`` file."""
+        return self.dirname / self.last._saved[-1].filename if self.last._saved else None
+
+    def load_bookkeeping(self, checkpoint: Mapping[str, Any], path: Path) -> None:
+        """Restore both rotations from a file written by this class; forget files no longer there."""
+        own, other = checkpoint.get("checkpointer"), checkpoint.get("other_checkpointer")
+        if own is None or other is None:
+            return
+        mine, theirs = (self.last, self.best) if path.name.startswith("last_") else (self.best, self.last)
+        mine.load_state_dict(own)
+        theirs.load_state_dict({"_saved": [(p, f) for p, f in other["saved"]]})
+        for ckpt in (self.best, self.last):
+            ckpt._saved = [item for item in ckpt._saved if (self.dirname / item.filename).exists()]
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only``: no code in the file can run) and check it is ours.
+
+    Raises:
+        CheckpointError: missing, truncated, corrupt, unsafe, or not a checkpoint of this project.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the save was cut off")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad bytes: pickle, zip, runtime errors
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it holds objects other than tensors and plain data, which are refused for safety"
+        raise CheckpointError(f"checkpoint {path} cannot be read ({reason[:200]})") from None
+    meta = data.get("meta") if isinstance(data, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no {FORMAT!r} marker)")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')}, this code reads {VERSION}")
+    missing = [k for k in ("model", "trainer") if k not in data]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}")
+    return data
+
+
+def last_checkpoints(dirname: str | Path) -> list[Path]:
+    """``last_iter=*.pt`` files in ``dirname``, newest (highest iteration) first."""
+    dirname = Path(dirname)
+    if not dirname.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in dirname.iterdir() if (m := _LAST_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resume_checkpoint(dirname: str | Path, log: Callable[[str], None] = print) -> tuple[Path, dict] | None:
+    """The newest valid ``last_*.pt`` and its contents; invalid newer files are skipped with a line each.
+
+    Returns ``None`` if there is no ``last_*.pt`` at all. Raises :class:`CheckpointError` if there
+    are some but none is valid.
+    """
+    candidates = last_checkpoints(dirname)
+    if not candidates:
+        return None
+    errors = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            log(f"Skipping {path.name}: {exc}; trying an older checkpoint")
+    raise CheckpointError(f"no valid checkpoint in {dirname}: " + "; ".join(errors))
+
+
+def restore(to_load: Mapping[str, Any], checkpoint: Mapping[str, Any], path: str | Path) -> None:
+    """Load each object of ``to_load`` from ``checkpoint``; a mismatch becomes one clear error."""
+    missing = [k for k in to_load if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}: it was made with other settings")
+    model_state = checkpoint["model"]
+    model = to_load.get("model")
+    if model is not None:
+        _check_model_state(model, model_state, path)
+    for key, obj in to_load.items():
+        try:
+            obj.load_state_dict(checkpoint[key])
+        except CheckpointError:
+            raise
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"checkpoint {path}: cannot restore {key!r} ({first[:200]})") from None
+
+
+def _check_model_state(model: nn.Module, state: Any, path: str | Path) -> None:
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {path}: 'model' is not a state dict")
+    own = model.state_dict()
+    for name, tensor in own.items():
+        if name not in state:
+            raise CheckpointError(f"checkpoint {path} is for another model: it has no tensor {name!r}")
+        other = state[name]
+        if not isinstance(other, torch.Tensor) or other.shape != tensor.shape:
+            shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+            raise CheckpointError(
+                f"checkpoint {path} is for another model: tensor {name!r} has shape {shape}, "
+                f"this model needs {tuple(tensor.shape)}"
+            )
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise CheckpointError(f"checkpoint {path} is for another model: unexpected tensor {extra[0]!r}")

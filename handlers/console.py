@@ -1,0 +1,64 @@
+"""The seed's console lines, now correct: per-batch running means and per-epoch exact means."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import ignite.distributed as idist
+from ignite.engine import Engine, Events
+from tqdm import tqdm
+
+from handlers.metrics import TrainMetrics
+from handlers.ordering import Stage, attach_ordered
+
+__all__ = ["ConsoleLogger", "write_line"]
+
+
+def write_line(message: str) -> None:
+    """Print one line on rank 0, above any tqdm bar rather than through it."""
+    if idist.get_rank() == 0:
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+
+
+class ConsoleLogger:
+    """Prints ``Epoch 1, Batch 50, Train Loss: ..., Train Accuracy: ...%`` every ``log_every`` batches
+    (means over the epoch so far) and, after each epoch, the epoch's train and validation lines."""
+
+    def __init__(
+        self, train_metrics: TrainMetrics, log_every: int = 50, write: Callable[[str], None] = write_line
+    ) -> None:
+        if not isinstance(log_every, int) or log_every < 0:
+            raise ValueError(f"log_every must be an integer >= 0 (0: no per-batch lines), got {log_every!r}")
+        self.train_metrics = train_metrics
+        self.log_every = log_every
+        self.write = write
+
+    def attach(self, trainer: Engine) -> "ConsoleLogger":
+        if self.log_every:
+            every = self.log_every
+
+            def due(engine: Engine, iteration: int) -> bool:
+                return ((iteration - 1) % engine.state.epoch_length + 1) % every == 0
+
+            trainer.add_event_handler(Events.ITERATION_COMPLETED(event_filter=due), self.batch_line)
+        attach_ordered(trainer, Events.EPOCH_COMPLETED, self.epoch_lines, Stage.LOGGING)
+        return self
+
+    def batch_line(self, engine: Engine) -> None:
+        batch = (engine.state.iteration - 1) % engine.state.epoch_length + 1
+        m = self.train_metrics.running()
+        p = self.train_metrics.prefix
+        self.write(
+            f"Epoch {engine.state.epoch}, Batch {batch}, "
+            f"Train Loss: {m[p + 'loss']:.4f}, Train Accuracy: {m[p + 'accuracy'] * 100:.2f}%"
+        )
+
+    def epoch_lines(self, engine: Engine) -> None:
+        m, e = engine.state.metrics, engine.state.epoch
+        p = self.train_metrics.prefix
+        if p + "loss" in m:
+            self.write(f"Epoch {e}, Train Loss: {m[p + 'loss']:.4f}, Train Accuracy: {m[p + 'accuracy'] * 100:.2f}%")
+        if "val_loss" in m:
+            self.write(f"Epoch {e}, Val Loss: {m['val_loss']:.4f}, Val Accuracy: {m['val_accuracy'] * 100:.2f}%")

@@ -1,0 +1,104 @@
+"""The per-epoch record of a run, kept in checkpoints and written to ``history.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ignite.engine import Engine, Events
+
+from handlers.ordering import Stage, attach_ordered
+
+__all__ = ["History", "write_json_atomic"]
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` through a temp file and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, allow_nan=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep it readable
+    return value
+
+
+class History:
+    """One dict per completed epoch: the trainer's metrics plus ``epoch``, ``lr``, ``epoch_seconds``
+    (wall time of the epoch, validation included), ``samples_per_second`` (training phase only) and
+    whatever ``extra`` callables return.
+
+    Recorded at Stage.RECORD (so the epoch is in the checkpoint written after it); written to
+    ``path`` at Stage.LOGGING. ``state_dict()`` carries the list, so a resumed run keeps the
+    epochs before the checkpoint, and only those.
+    """
+
+    def __init__(self, path: str | Path | None, extra: Mapping[str, Callable[[], Any]] | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.extra = dict(extra or {})
+        self.epochs: list[dict[str, Any]] = []
+        self._epoch_start = 0.0
+        self._epoch_samples = 0
+        self._train_seconds = 0.0
+
+    def attach(self, trainer: Engine) -> "History":
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._count)
+        attach_ordered(trainer, Events.EPOCH_COMPLETED, self._end_training_phase, Stage.METRICS)
+        attach_ordered(trainer, Events.EPOCH_COMPLETED, self.record, Stage.RECORD)
+        attach_ordered(trainer, Events.EPOCH_COMPLETED, self.write, Stage.LOGGING)
+        return self
+
+    def _start_epoch(self, engine: Engine) -> None:
+        self._epoch_start = time.perf_counter()
+        self._epoch_samples = 0
+
+    def _end_training_phase(self, engine: Engine) -> None:
+        self._train_seconds = time.perf_counter() - self._epoch_start
+
+    def _count(self, engine: Engine) -> None:
+        self._epoch_samples += engine.state.output["batch_size"]
+
+    def record(self, engine: Engine) -> None:
+        seconds = time.perf_counter() - self._epoch_start
+        row: dict[str, Any] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
+        row.update({k: _plain(v) for k, v in engine.state.metrics.items()})
+        row.update({k: _plain(fn()) for k, fn in self.extra.items()})
+        row["epoch_seconds"] = round(seconds, 4)
+        train_seconds = self._train_seconds
+        row["samples_per_second"] = round(self._epoch_samples / train_seconds, 1) if train_seconds > 0 else None
+        self.epochs = [r for r in self.epochs if r["epoch"] < row["epoch"]] + [row]
+
+    def write(self, engine: Engine | None = None) -> None:
+        if self.path is not None:
+            write_json_atomic(self.path, self.epochs)
+
+    def best(self, metric: str = "val_accuracy") -> dict[str, Any] | None:
+        """The epoch with the highest finite ``metric``."""
+        rows = [r for r in self.epochs if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+        return max(rows, key=lambda r: r[metric]) if rows else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": [dict(r) for r in self.epochs]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.epochs = [dict(r) for r in state["epochs"]]

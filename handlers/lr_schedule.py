@@ -1,0 +1,144 @@
+"""Learning-rate schedules from Ignite's param schedulers, chosen by name, with warm-up and resume."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import (
+    CosineAnnealingScheduler,
+    LRScheduler,
+    PiecewiseLinear,
+    ReduceLROnPlateauScheduler,
+    create_lr_scheduler_with_warmup,
+)
+from torch.optim.lr_scheduler import StepLR
+
+from handlers.ordering import Stage, attach_ordered
+
+__all__ = ["SCHEDULERS", "LRSchedule"]
+
+SCHEDULERS = ("none", "step", "cosine", "onecycle", "plateau")
+_PLATEAU_KEYS = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch")
+
+
+class LRSchedule:
+    """The LR schedule of a run: ``none``, ``step``, ``cosine``, ``onecycle`` or ``plateau``.
+
+    Per-iteration schedules (step, cosine, onecycle and every warm-up) are Ignite param schedulers
+    on ``ITERATION_STARTED``; ``plateau`` is Ignite's ``ReduceLROnPlateauScheduler`` following
+    ``metric`` after each validation (Stage.DECISION).
+
+    Args:
+        name: one of :data:`SCHEDULERS`.
+        optimizer: whose ``lr`` is scheduled; its current ``lr`` is the peak.
+        epochs, epoch_length: length of the run, for schedules defined over it.
+        warmup_epochs: linear warm-up from ``lr / 100`` (onecycle: its rising phase; default 25%).
+        step_epochs, gamma: ``step`` multiplies the LR by ``gamma`` every ``step_epochs`` epochs.
+        plateau_patience, plateau_factor: ``plateau`` multiplies by ``factor`` after ``patience``
+            validations without improvement.
+        metric, mode: what ``plateau`` follows.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        optimizer: torch.optim.Optimizer,
+        *,
+        epochs: int,
+        epoch_length: int,
+        warmup_epochs: float = 0.0,
+        step_epochs: int | None = None,
+        gamma: float = 0.1,
+        plateau_patience: int = 1,
+        plateau_factor: float = 0.1,
+        metric: str = "val_accuracy",
+        mode: str = "max",
+    ) -> None:
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+        if not isinstance(epochs, int) or epochs < 1 or not isinstance(epoch_length, int) or epoch_length < 1:
+            raise ValueError(f"epochs and epoch_length must be positive integers, got {epochs!r}, {epoch_length!r}")
+        if not 0 <= warmup_epochs < epochs:
+            raise ValueError(f"warmup_epochs must be >= 0 and less than epochs ({epochs}), got {warmup_epochs!r}")
+        if step_epochs is not None and (not isinstance(step_epochs, int) or step_epochs < 1):
+            raise ValueError(f"step_epochs must be a positive integer, got {step_epochs!r}")
+        if not 0 < gamma <= 1 or not 0 < plateau_factor < 1:
+            raise ValueError("gamma must be in (0, 1] and plateau_factor in (0, 1)")
+        self.name = name
+        self.optimizer = optimizer
+        self.peak = float(optimizer.param_groups[0]["lr"])
+        total = epochs * epoch_length
+        warm = int(round(warmup_epochs * epoch_length))
+        self.per_iteration: Any = None
+        self.plateau: ReduceLROnPlateauScheduler | None = None
+        self._warmup_only = 0  # > 0: a bare warm-up of that many iterations
+        lr = self.peak
+        if name == "onecycle":
+            up = warm if warm > 0 else max(1, total // 4)
+            self.per_iteration = PiecewiseLinear(
+                optimizer, "lr", [(0, lr / 25), (up, lr), (max(total, up + 1), lr / 1e4)]
+            )
+            return
+        main: Any = None
+        if name == "step":
+            size = (step_epochs or max(1, epochs // 3)) * epoch_length
+            main = LRScheduler(StepLR(optimizer, step_size=size, gamma=gamma))
+        elif name == "cosine":
+            main = CosineAnnealingScheduler(optimizer, "lr", lr, lr / 1e3, cycle_size=max(2, total - warm + 1))
+        elif name == "plateau":
+            self.plateau = ReduceLROnPlateauScheduler(
+                optimizer, metric_name=metric, mode=mode, patience=plateau_patience, factor=plateau_factor
+            )
+        if warm > 0:
+            if main is None:  # none or plateau: a warm-up alone, which then leaves the LR alone
+                self.per_iteration = PiecewiseLinear(optimizer, "lr", [(0, lr / 100), (warm, lr)])
+                self._warmup_only = warm
+                return
+            self.per_iteration = create_lr_scheduler_with_warmup(main, lr / 100, warm, warmup_end_value=lr)
+        else:
+            self.per_iteration = main
+
+    def attach(self, trainer: Engine) -> "LRSchedule":
+        if self.per_iteration is not None:
+            event = Events.ITERATION_STARTED
+            if self._warmup_only:
+                limit = self._warmup_only
+                event = Events.ITERATION_STARTED(event_filter=lambda _, i: i <= limit + 1)
+            trainer.add_event_handler(event, self.per_iteration)
+        if self.plateau is not None:
+            attach_ordered(trainer, Events.EPOCH_COMPLETED, self._plateau_step, Stage.DECISION)
+        return self
+
+    def _plateau_step(self, trainer: Engine) -> None:
+        if self.plateau is not None and self.plateau.metric_name in trainer.state.metrics:
+            self.plateau(trainer)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate now in the optimizer (first param group)."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"name": self.name}
+        if self.per_iteration is not None:
+            state["per_iteration"] = self.per_iteration.state_dict()
+        if self.plateau is not None:
+            inner = self.plateau.scheduler
+            state["plateau"] = {k: getattr(inner, k) for k in _PLATEAU_KEYS}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(
+                f"the checkpoint was made with --scheduler {state.get('name')}, not {self.name}: "
+                f"resume with --scheduler {state.get('name')}"
+            )
+        if self.per_iteration is not None:
+            self.per_iteration.load_state_dict(state["per_iteration"])
+        if self.plateau is not None:
+            for k, v in state["plateau"].items():
+                setattr(self.plateau.scheduler, k, v)
+
+

@@ -1,0 +1,87 @@
+"""Training metrics accumulated during the epoch: exact per-sample means, no second pass."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.metrics import Accuracy, Loss, Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+
+from handlers.ordering import Stage, attach_ordered
+
+__all__ = ["SampleCount", "TrainMetrics"]
+
+
+def _step_loss(loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The trainer already computed the batch's mean loss: hand it to Ignite's ``Loss`` as is."""
+    return loss
+
+
+class SampleCount(Metric):
+    """How many samples went through the engine (summed over processes)."""
+
+    _state_dict_all_req_keys = ("_count",)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._count = torch.zeros((), dtype=torch.long, device=self._device)
+
+    @reinit__is_reduced
+    def update(self, output: Any) -> None:
+        self._count += output[1].shape[0]
+
+    @sync_all_reduce("_count")
+    def compute(self) -> int:
+        return int(self._count.item())
+
+
+class TrainMetrics:
+    """``train_loss`` and ``train_accuracy`` of the epoch, per-sample means, in ``trainer.state.metrics``.
+
+    Ignite's ``Loss`` (fed the loss the step already computed, times the batch size) and ``Accuracy``
+    (fed the step's detached logits) accumulate on the device during the epoch; nothing is synced
+    per batch. :meth:`running` gives the means so far, for per-batch lines.
+    """
+
+    def __init__(self, prefix: str = "train_") -> None:
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        self.prefix = prefix
+        self.metrics: dict[str, Metric] = {
+            "loss": Loss(_step_loss, output_transform=lambda o: (o["loss"], o["y"])),
+            "accuracy": Accuracy(output_transform=lambda o: (o["y_pred"], o["y"])),
+        }
+        self._pending: dict[str, Any] | None = None
+
+    def attach(self, trainer: Engine) -> "TrainMetrics":
+        """Reset at each epoch start, update after each iteration, publish at epoch end (Stage.METRICS)."""
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._started)
+        for name, metric in self.metrics.items():
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, metric.iteration_completed)
+            attach_ordered(trainer, Events.EPOCH_COMPLETED, metric.completed, Stage.METRICS, self.prefix + name)
+        return self
+
+    def _started(self, engine: Engine) -> None:
+        for metric in self.metrics.values():
+            metric.started(engine)
+        if self._pending is not None:  # resumed mid-epoch: continue the epoch's sums
+            for name, metric in self.metrics.items():
+                metric.load_state_dict(self._pending[name])
+            self._pending = None
+
+    def running(self) -> dict[str, float]:
+        """Means over the batches of this epoch so far (one device sync per call)."""
+        return {self.prefix + name: float(metric.compute()) for name, metric in self.metrics.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch's running sums, so that a run resumed mid-epoch reports the whole epoch."""
+        return {name: dict(metric.state_dict()) for name, metric in self.metrics.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Applied when the resumed epoch starts (after Ignite's reset)."""
+        missing = set(self.metrics) - set(state)
+        if missing:
+            raise KeyError(f"train metrics state lacks {sorted(missing)}")
+        self._pending = {name: state[name] for name in self.metrics}

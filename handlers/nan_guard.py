@@ -1,0 +1,49 @@
+"""Stop on a non-finite loss, with one clear line (Ignite's ``TerminateOnNan`` does the check)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from ignite.engine import Engine, Events
+from ignite.handlers import TerminateOnNan
+
+__all__ = ["NanGuard"]
+
+
+class NanGuard:
+    """Terminate the trainer as soon as a batch's loss is NaN or infinite.
+
+    After the run, ``triggered`` tells the caller to exit non-zero; checkpoint handlers check it
+    so that no non-finite model becomes ``best`` or replaces the last good ``last_*.pt``.
+    """
+
+    def __init__(self, log: Callable[[str], None] = print) -> None:
+        self.log = log
+        self.triggered_at: tuple[int, int] | None = None
+        self._inner = TerminateOnNan(output_transform=lambda o: o["loss"])
+        self._inner.logger.setLevel(logging.ERROR)  # our own line replaces its warning
+
+    @property
+    def triggered(self) -> bool:
+        return self.triggered_at is not None
+
+    def attach(self, trainer: Engine) -> "NanGuard":
+        trainer.add_event_handler(Events.STARTED, self._reset)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
+        return self
+
+    def _reset(self, engine: Engine) -> None:
+        self.triggered_at = None
+
+    def __call__(self, engine: Engine) -> None:
+        self._inner(engine)
+        if engine.should_terminate and self.triggered_at is None and engine.state.output is not None:
+            loss = float(engine.state.output["loss"])
+            if loss != loss or loss in (float("inf"), float("-inf")):
+                self.triggered_at = (engine.state.epoch, engine.state.iteration)
+                self.log(
+                    f"Stopped: the training loss became {loss} at epoch {engine.state.epoch}, "
+                    f"iteration {engine.state.iteration}; no checkpoint was written from this state "
+                    f"(try a lower --lr, or --clip-grad-norm)"
+                )

@@ -1,0 +1,66 @@
+"""Handler order that does not depend on the order of ``attach`` calls.
+
+Ignite runs the handlers of an event in the order they were added. Ours instead go through one
+dispatcher per (engine, event) that runs them by :class:`Stage`: metrics first, then validation,
+then the record of the epoch, then decisions (early stopping, plateau LR), then checkpoints, then
+loggers. Handlers of the same stage keep their attach order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from enum import IntEnum
+from typing import Any, Callable
+
+from ignite.engine import Engine, EventEnum
+
+__all__ = ["Stage", "attach_ordered", "ordered_handlers"]
+
+_counter = itertools.count()
+
+
+class Stage(IntEnum):
+    """When, within one event, a handler runs. Lower runs first."""
+
+    METRICS = 0
+    VALIDATION = 10
+    RECORD = 20
+    DECISION = 30
+    CHECKPOINT = 40
+    LOGGING = 50
+
+
+class _Dispatcher:
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, int, Callable[..., Any], tuple]] = []
+
+    def add(self, stage: int, fn: Callable[..., Any], args: tuple) -> None:
+        bisect.insort(self.entries, (int(stage), next(_counter), fn, args), key=lambda e: (e[0], e[1]))
+
+    def __call__(self, engine: Engine) -> None:
+        for _, _, fn, args in self.entries:
+            fn(engine, *args)
+
+
+def attach_ordered(engine: Engine, event: EventEnum, fn: Callable[..., Any], stage: Stage, *args: Any) -> None:
+    """Run ``fn(engine, *args)`` on ``event`` of ``engine`` at ``stage`` (see :class:`Stage`).
+
+    Example:
+        >>> attach_ordered(trainer, Events.EPOCH_COMPLETED, my_logger, Stage.LOGGING)
+    """
+    if not isinstance(stage, int):
+        raise TypeError(f"stage must be a Stage, got {stage!r}")
+    registry: dict[Any, _Dispatcher] = engine.__dict__.setdefault("_ordered_dispatchers", {})
+    dispatcher = registry.get(event)
+    if dispatcher is None:
+        dispatcher = registry[event] = _Dispatcher()
+        engine.add_event_handler(event, dispatcher)
+    dispatcher.add(stage, fn, args)
+
+
+def ordered_handlers(engine: Engine, event: EventEnum) -> list[Callable[..., Any]]:
+    """The handlers ``attach_ordered`` put on ``event``, in the order they will run."""
+    registry = engine.__dict__.get("_ordered_dispatchers", {})
+    dispatcher = registry.get(event)
+    return [] if dispatcher is None else [fn for _, _, fn, _ in dispatcher.entries]

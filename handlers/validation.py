@@ -1,0 +1,48 @@
+"""Epoch-end validation: run the evaluator and publish its metrics on the trainer."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from ignite.engine import Engine, Events
+
+from handlers.ordering import Stage, attach_ordered
+
+__all__ = ["Validation"]
+
+
+class Validation:
+    """Every ``every`` epochs (and after the last one) run ``evaluator`` over the whole ``loader``.
+
+    Its metrics land in ``trainer.state.metrics`` as ``<prefix><name>`` (``val_loss``,
+    ``val_accuracy``, ...), before any decision or checkpoint handler runs (Stage.VALIDATION).
+    On epochs without validation those keys are removed, so nothing acts on a stale score.
+    """
+
+    def __init__(self, evaluator: Engine, loader: Iterable, every: int = 1, prefix: str = "val_") -> None:
+        if not isinstance(evaluator, Engine):
+            raise TypeError(f"evaluator must be an ignite Engine, got {type(evaluator).__name__}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        self.evaluator = evaluator
+        self.loader = loader
+        self.every = every
+        self.prefix = prefix
+
+    def is_due(self, epoch: int, max_epochs: int | None) -> bool:
+        """Whether ``epoch`` is a validation epoch."""
+        return epoch % self.every == 0 or epoch == max_epochs
+
+    def attach(self, trainer: Engine) -> "Validation":
+        attach_ordered(trainer, Events.EPOCH_COMPLETED, self, Stage.VALIDATION)
+        return self
+
+    def __call__(self, trainer: Engine) -> None:
+        metrics = trainer.state.metrics
+        for key in [k for k in metrics if k.startswith(self.prefix)]:
+            del metrics[key]
+        if not self.is_due(trainer.state.epoch, trainer.state.max_epochs):
+            return
+        self.evaluator.run(self.loader)
+        for name, value in self.evaluator.state.metrics.items():
+            metrics[self.prefix + name] = value

@@ -8,12 +8,10 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import (
     CosineAnnealingScheduler,
-    LRScheduler,
     PiecewiseLinear,
     ReduceLROnPlateauScheduler,
     create_lr_scheduler_with_warmup,
 )
-from torch.optim.lr_scheduler import StepLR
 
 from handlers.ordering import Stage, attach_ordered
 
@@ -78,13 +76,15 @@ class LRSchedule:
         if name == "onecycle":
             up = warm if warm > 0 else max(1, total // 4)
             self.per_iteration = PiecewiseLinear(
-                optimizer, "lr", [(0, lr / 25), (up, lr), (max(total, up + 1), lr / 1e4)]
+                optimizer, "lr", [(0, lr / 25), (up, lr), (max(total - 1, up + 1), lr / 1e4)]
             )
             return
         main: Any = None
         if name == "step":
             size = (step_epochs or max(1, epochs // 3)) * epoch_length
-            main = LRScheduler(StepLR(optimizer, step_size=size, gamma=gamma))
+            steps = range(0, total - warm, size)  # piecewise constant: adjacent milestones make the jumps
+            points = [pt for k, start in enumerate(steps) for pt in ((start, lr * gamma**k), (start + size - 1, lr * gamma**k))]
+            main = PiecewiseLinear(optimizer, "lr", points)
         elif name == "cosine":
             main = CosineAnnealingScheduler(optimizer, "lr", lr, lr / 1e3, cycle_size=max(2, total - warm + 1))
         elif name == "plateau":

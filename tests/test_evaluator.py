@@ -1,0 +1,51 @@
+"""Per-sample exact means, a short last batch included (the seed averaged per batch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine import create_evaluator, create_trainer, default_metrics
+from handlers import SampleCount, TrainMetrics
+
+
+def data(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in sizes]
+
+
+@pytest.mark.parametrize("sizes", [[64, 64, 7], [1000, 1000, 1], [5]])
+def test_evaluator_gives_exact_per_sample_means(sizes):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    batches = data(sizes)
+    evaluator = create_evaluator(model, {**default_metrics(nn.CrossEntropyLoss()), "n": SampleCount()}, device="cpu")
+    metrics = evaluator.run(batches).metrics
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        logits = model(x)
+    expected_loss = nn.functional.cross_entropy(logits, y, reduction="sum").item() / len(y)
+    expected_acc = (logits.argmax(1) == y).sum().item() / len(y)
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert metrics["accuracy"] == pytest.approx(expected_acc, abs=1e-12)
+    assert metrics["n"] == sum(sizes)
+    per_batch = sum(nn.functional.cross_entropy(model(b[0]), b[1]).item() for b in batches) / len(batches)
+    if len(sizes) > 1:
+        assert abs(per_batch - expected_loss) > 1e-4  # the seed's per-batch mean would differ
+
+
+def test_train_metrics_are_per_sample_means_of_the_steps_losses():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    batches = data([10, 10, 3])
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), nn.CrossEntropyLoss(), device="cpu")
+    TrainMetrics().attach(trainer)
+    metrics = trainer.run(batches, max_epochs=1).metrics
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        logits = model(x)
+    assert metrics["train_loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+    assert metrics["train_accuracy"] == pytest.approx((logits.argmax(1) == y).float().mean().item())

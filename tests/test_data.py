@@ -1,0 +1,109 @@
+"""The in-memory loader: coverage, order, seeding, exact mid-epoch continuation, shards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import ConfigError, InMemoryLoader, LimitedLoader
+
+
+def loader(n=103, bs=10, **kw):
+    x = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+    return InMemoryLoader(x, torch.arange(n), bs, **kw)
+
+
+def epoch_ids(ld) -> list[int]:
+    return [int(i) for _, y in ld for i in y]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_every_sample_once_per_epoch_and_new_order_each_epoch(drop_last):
+    ld = loader(drop_last=drop_last)
+    first, second = epoch_ids(ld), epoch_ids(ld)
+    expected = 100 if drop_last else 103
+    assert len(first) == len(set(first)) == expected and len(second) == expected
+    assert first != second
+    assert len(ld) == (10 if drop_last else 11)
+
+
+def test_same_seed_same_order_other_seed_other_order():
+    assert epoch_ids(loader(seed=3)) == epoch_ids(loader(seed=3))
+    assert epoch_ids(loader(seed=3)) != epoch_ids(loader(seed=4))
+
+
+def test_no_shuffle_keeps_the_stored_order():
+    assert epoch_ids(loader(shuffle=False)) == list(range(103))
+
+
+def test_order_does_not_depend_on_the_global_rng():
+    torch.manual_seed(0)
+    a = epoch_ids(loader())
+    torch.manual_seed(1)
+    assert epoch_ids(loader()) == a
+
+
+@pytest.mark.parametrize("stop_at", [0, 1, 5, 10])
+def test_exact_continuation_after_load_state_dict_mid_epoch(stop_at):
+    reference = loader(seed=7)
+    full = [epoch_ids(reference) for _ in range(3)]
+    ld = loader(seed=7)
+    epoch_ids(ld)  # epoch 1
+    it = iter(ld)
+    seen = [int(i) for _, y in (next(it) for _ in range(stop_at)) for i in y]
+    state = ld.state_dict()
+    fresh = loader(seed=7)
+    fresh.load_state_dict(state)
+    rest = epoch_ids(fresh)
+    assert seen + rest == full[1]
+    assert epoch_ids(fresh) == full[2]
+
+
+def test_state_at_an_epoch_end_continues_with_the_next_epoch():
+    reference = loader(seed=7)
+    full = [epoch_ids(reference) for _ in range(2)]
+    ld = loader(seed=7)
+    epoch_ids(ld)
+    fresh = loader(seed=7)
+    fresh.load_state_dict(ld.state_dict())
+    assert epoch_ids(fresh) == full[1]
+
+
+def test_state_before_any_epoch_round_trips():
+    ld = loader(seed=2)
+    fresh = loader(seed=99)
+    fresh.load_state_dict(ld.state_dict())
+    assert epoch_ids(fresh) == epoch_ids(loader(seed=2))
+
+
+@pytest.mark.parametrize("world, drop_last", [(2, True), (3, True), (2, False), (3, False)])
+def test_shards_across_ranks(world, drop_last):
+    shards = [epoch_ids(loader(n=101, rank=r, world_size=world, drop_last=drop_last, seed=5)) for r in range(world)]
+    union = [i for s in shards for i in s]
+    assert len(union) == len(set(union))  # no sample on two ranks
+    if drop_last:
+        assert len({len(s) for s in shards}) == 1 and len(union) >= 101 - world * 10
+    else:
+        assert sorted(union) == list(range(101))  # every sample exactly once, none padded
+
+
+def test_max_batches_caps_each_epoch_and_epochs_move_on():
+    ld = loader(max_batches=3)
+    a, b = epoch_ids(ld), epoch_ids(ld)
+    assert len(ld) == 3 and len(a) == len(b) == 30 and a != b
+
+
+def test_limited_loader_restarts_each_epoch():
+    base = list(range(10))
+    ld = LimitedLoader(base, 4)
+    assert list(ld) == list(ld) == [0, 1, 2, 3] and len(ld) == 4
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"n": 0}, "empty"), ({"bs": 0}, "batch_size"), ({"max_batches": 0}, "max_batches"),
+     ({"rank": 2, "world_size": 2}, "rank")],
+)
+def test_bad_arguments(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        loader(**kw)

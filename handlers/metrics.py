@@ -54,9 +54,11 @@ class TrainMetrics:
             "accuracy": Accuracy(output_transform=lambda o: (o["y_pred"], o["y"])),
         }
         self._pending: dict[str, Any] | None = None
+        self._trainer: Engine | None = None
 
     def attach(self, trainer: Engine) -> "TrainMetrics":
         """Reset at each epoch start, update after each iteration, publish at epoch end (Stage.METRICS)."""
+        self._trainer = trainer
         trainer.add_event_handler(Events.EPOCH_STARTED, self._started)
         for name, metric in self.metrics.items():
             trainer.add_event_handler(Events.ITERATION_COMPLETED, metric.iteration_completed)
@@ -75,13 +77,19 @@ class TrainMetrics:
         """Means over the batches of this epoch so far (one device sync per call)."""
         return {self.prefix + name: float(metric.compute()) for name, metric in self.metrics.items()}
 
+    def _mid_epoch(self) -> bool:
+        state = self._trainer.state if self._trainer is not None else None
+        return bool(state and state.epoch_length and state.iteration % state.epoch_length)
+
     def state_dict(self) -> dict[str, Any]:
         """The epoch's running sums, so that a run resumed mid-epoch reports the whole epoch."""
-        return {name: dict(metric.state_dict()) for name, metric in self.metrics.items()}
+        state: dict[str, Any] = {name: dict(metric.state_dict()) for name, metric in self.metrics.items()}
+        state["mid_epoch"] = self._mid_epoch()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Applied when the resumed epoch starts (after Ignite's reset)."""
-        missing = set(self.metrics) - set(state)
+        """Applied when the resumed epoch starts (after Ignite's reset), if it was saved mid-epoch."""
+        missing = (set(self.metrics) | {"mid_epoch"}) - set(state)
         if missing:
             raise KeyError(f"train metrics state lacks {sorted(missing)}")
-        self._pending = {name: state[name] for name in self.metrics}
+        self._pending = {name: state[name] for name in self.metrics} if state["mid_epoch"] else None

@@ -1,0 +1,146 @@
+"""The example script for real: real MNIST, real subprocesses, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SCRIPT, run_script
+
+pytestmark = pytest.mark.slow
+TIMING_KEYS = {"epoch_seconds", "samples_per_second"}
+QUICK = ["--limit-train-batches", "30", "--log-every", "10", "--no-progress"]
+
+
+def history(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "history.json").read_text())
+
+
+def figures(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def final_weights(run_dir: Path) -> dict:
+    newest = max((run_dir / "checkpoints").glob("last_iter=*.pt"), key=lambda p: int(p.stem.split("=")[1]))
+    return torch.load(newest, weights_only=True)["model"]
+
+
+def kill_when(args: list[str], mnist: Path, marker: str, sig: int = signal.SIGKILL) -> tuple[int, str]:
+    """Start the script, send ``sig`` once it prints a line containing ``marker``; (returncode, output)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--data-dir", str(mnist)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(sig)
+            break
+    seen.append(proc.stdout.read())
+    return proc.wait(timeout=120), "".join(seen)
+
+
+def test_seed_preset_one_epoch_reaches_98_percent(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("--preset", "seed", "--epochs", "1", "--output-dir", str(out), "--no-progress", mnist=mnist_root)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    batch_lines = [line for line in lines if line.startswith("Epoch 1, Batch ")]
+    assert [line.split(",")[1] for line in batch_lines[:3]] == [" Batch 50", " Batch 100", " Batch 150"]
+    assert len(batch_lines) == 938 // 50
+    assert any(line.startswith("Epoch 1, Train Loss: ") and "Train Accuracy: " in line for line in lines)
+    val = [line for line in lines if line.startswith("Epoch 1, Val Loss: ")]
+    assert len(val) == 1
+    rows = history(out)
+    assert len(rows) == 1
+    row = rows[0]
+    assert {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_samples", "lr",
+            "epoch_seconds"} <= set(row)
+    assert row["val_accuracy"] >= 0.98 and row["val_samples"] == 10000 and row["lr"] == 1e-3
+    assert f"Val Accuracy: {row['val_accuracy'] * 100:.2f}%" in val[0]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["batch_size"], config["epochs"], config["model"], config["lr"]) == (64, 1, "seed", 1e-3)
+
+
+def test_default_preset_reaches_99_percent(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("--output-dir", str(out), "--no-progress", mnist=mnist_root)
+    assert proc.returncode == 0, proc.stderr
+    best = max(row["val_accuracy"] for row in history(out))
+    assert best >= 0.99, best
+
+
+def test_missing_data_offline_is_one_line_and_exit_2(tmp_path):
+    proc = run_script("--data-dir", str(tmp_path / "nowhere"), "--no-download", "--output-dir", str(tmp_path / "r"),
+                      mnist=None)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert str(tmp_path / "nowhere") in proc.stderr and "MNIST_ROOT" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [(["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--batch-size", "0"], "--batch-size"),
+     (["--patience", "-1"], "--patience"), (["--scheduler", "linear"], "--scheduler"),
+     (["--device", "tpu"], "device"), (["--lr", "nan"], "--lr")],
+)
+def test_invalid_flags_are_one_line_and_exit_2(tmp_path, mnist_root, flags, needle):
+    proc = run_script(*flags, "--output-dir", str(tmp_path / "r"), mnist=mnist_root)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and needle in proc.stderr
+
+
+def test_existing_run_dir_without_resume_is_refused(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "history.json").write_text("[]")
+    proc = run_script("--output-dir", str(out), mnist=mnist_root)
+    assert proc.returncode == 2 and "--resume auto" in proc.stderr
+    assert (out / "history.json").read_text() == "[]"
+
+
+@pytest.mark.parametrize("data_path", ["memory", "torchvision"])
+def test_sigkill_during_an_epoch_then_resume_auto_equals_an_uninterrupted_run(mnist_root, tmp_path, data_path):
+    args = [*QUICK, "--epochs", "3", "--data-path", data_path, "--seed", "3"]
+    straight = tmp_path / "straight"
+    assert run_script(*args, "--output-dir", str(straight), mnist=mnist_root).returncode == 0
+    killed = tmp_path / "killed"
+    code, output = kill_when([*args, "--output-dir", str(killed)], mnist_root, "Epoch 2, Batch 20")
+    assert code == -signal.SIGKILL, output
+    assert len(history(killed)) == 1
+    resumed = run_script(*args, "--output-dir", str(killed), "--resume", "auto", mnist=mnist_root)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resumed from" in resumed.stdout
+    assert figures(history(killed)) == figures(history(straight))
+    a, b = final_weights(straight), final_weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_extends_a_finished_run(mnist_root, tmp_path):
+    out = tmp_path / "R"
+    first = run_script("--epochs", "4", "--limit-train-batches", "100", "--output-dir", str(out), "--no-progress",
+                       "--patience", "0", mnist=mnist_root)
+    assert first.returncode == 0, first.stderr
+    four = history(out)
+    second = run_script("--epochs", "6", "--limit-train-batches", "100", "--output-dir", str(out), "--resume", "auto",
+                        "--no-progress", "--patience", "0", mnist=mnist_root)
+    assert second.returncode == 0, second.stderr
+    six = history(out)
+    assert [r["epoch"] for r in six] == [1, 2, 3, 4, 5, 6] and six[:4] == four
+    files = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert [f for f in files if f.startswith("last_")] == ["last_iter=500.pt", "last_iter=600.pt"]
+    assert len([f for f in files if f.startswith("best_")]) == 2
+
+
+def test_resume_from_a_damaged_path_is_one_clear_line(mnist_root, tmp_path):
+    bad = tmp_path / "last_iter=1.pt"
+    bad.write_bytes(b"\x00" * 100)
+    proc = run_script("--resume", str(bad), "--output-dir", str(tmp_path / "r"), mnist=mnist_root)
+    assert proc.returncode == 2 and str(bad) in proc.stderr and "Traceback" not in proc.stderr

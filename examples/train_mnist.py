@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--early-stop-warmup", type=non_negative_int, default=0, help="epochs never judged")
     g.add_argument("--n-saved", type=positive_int, default=2, help="best checkpoints kept")
     g.add_argument("--log-every", type=non_negative_int, default=50, help="batch lines every N batches (0: none)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a terminal)")
+    g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    g.add_argument("--tb-histograms", action="store_true", help="weight and gradient histograms (cost time)")
     g = p.add_argument_group("engine")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -259,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine import create_evaluator, create_trainer, resolve_device
     from handlers import (
-        ConsoleLogger, EarlyStopping, History, LRSchedule, NanGuard, RNGState, SampleCount, TrainingCheckpoint,
-        TrainMetrics, Validation, find_resume_checkpoint, load_checkpoint, restore, seed_everything,
-        write_json_atomic, write_line,
+        ConsoleLogger, EarlyStopping, History, LRSchedule, MisclassifiedCollector, NanGuard, Progress, RNGState,
+        SampleCount, TensorBoardLogging, TrainingCheckpoint, TrainMetrics, Validation, find_resume_checkpoint,
+        load_checkpoint, progress_wanted, restore, seed_everything, write_json_atomic, write_line,
     )  # fmt: skip
 
     if config["threads"]:
@@ -285,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     run_model = torch.compile(model) if config["compile"] else model
 
     # engines
+    tensorboard = not config["no_tensorboard"]
     trainer = create_trainer(run_model, optimizer, loss_fn, device=device, amp=config["amp"],
                              accumulation_steps=config["accumulation_steps"], clip_grad_norm=config["clip_grad_norm"],
+                             grad_norm_every=config["log_every"] if tensorboard else 0,
                              channels_last=config["channels_last"])
     evaluator = create_evaluator(run_model, {"loss": Loss(nn.CrossEntropyLoss()), "accuracy": Accuracy(),
                                              "samples": SampleCount()},
@@ -311,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = TrainingCheckpoint(out / "checkpoints", to_save, n_saved=config["n_saved"],
                                     skip_if=lambda: nan_guard.triggered).attach(trainer)
     ConsoleLogger(train_metrics, log_every=config["log_every"]).attach(trainer)
+    collector = MisclassifiedCollector().attach(evaluator) if tensorboard else None
+    if progress_wanted(config["no_progress"]):
+        Progress().attach(trainer, evaluator)
 
     # resume
     if config["resume"]:
@@ -328,19 +335,37 @@ def main(argv: list[str] | None = None) -> int:
             write_line(f"Resumed from {path} (epoch {trainer.state.epoch}, iteration {trainer.state.iteration})")
             config["resumed_from"] = str(path)
     write_json_atomic(out / "config.json", {**config, "device": str(device), "output_dir": str(out)})
+    tb = None
+    if tensorboard:
+        tb = TensorBoardLogging(out / "tb", log_every=config["log_every"], lr=lambda: schedule.lr, collector=collector,
+                                model=model, histograms=config["tb_histograms"],
+                                purge_step=trainer.state.iteration + 1 if trainer.state.iteration else None,
+                                denormalize=lambda x: x * MNIST_STD + MNIST_MEAN, history=history).attach(trainer)
 
     # run
-    if trainer.state.epoch < config["epochs"]:
-        trainer.run(train_loader, max_epochs=config["epochs"])
-    history.write()
+    try:
+        if trainer.state.epoch < config["epochs"]:
+            trainer.run(train_loader, max_epochs=config["epochs"])
+        history.write()
+        best = history.best()
+        if tb is not None:
+            final = history.epochs[-1].get("val_accuracy") if history.epochs else None
+            tb.log_hparams(config, {"hparam/best_val_accuracy": best and best["val_accuracy"],
+                                    "hparam/final_val_accuracy": final})
+    finally:
+        if tb is not None:
+            tb.close()
 
     # summary
-    best = history.best()
     total = time.perf_counter() - started
     if best is not None:
-        write_line(f"Best val accuracy {best['val_accuracy'] * 100:.2f}% at epoch {best['epoch']}; "
-                   f"{len(history.epochs)} epoch(s), {total:.1f} s")
-    write_line(f"Run folder: {out} (history.json, config.json, checkpoints/)")
+        write_line(f"Best val accuracy: {best['val_accuracy'] * 100:.2f}% at epoch {best['epoch']} "
+                   f"({len(history.epochs)} epoch(s) in all, this process {total:.1f} s)")
+    write_line(f"Checkpoints: {out / 'checkpoints'} (best: {checkpoint.best_path and checkpoint.best_path.name}, "
+               f"last: {checkpoint.last_path and checkpoint.last_path.name})")
+    write_line(f"History: {out / 'history.json'}")
+    if tb is not None:
+        write_line(f"TensorBoard: tensorboard --logdir {out / 'tb'}")
     return EXIT_NAN if nan_guard.triggered else 0
 
 

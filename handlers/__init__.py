@@ -14,6 +14,8 @@ from handlers.history import History, write_json_atomic
 from handlers.lr_schedule import SCHEDULERS, LRSchedule
 from handlers.metrics import SampleCount, TrainMetrics
 from handlers.nan_guard import NanGuard
+from handlers.progress import Progress, progress_wanted
+from handlers.tensorboard import MisclassifiedCollector, TensorBoardLogging
 from handlers.ordering import Stage, attach_ordered, ordered_handlers
 from handlers.rng import RNGState, seed_everything
 from handlers.validation import Validation
@@ -24,11 +26,14 @@ __all__ = [
     "EarlyStopping",
     "History",
     "LRSchedule",
+    "MisclassifiedCollector",
     "NanGuard",
+    "Progress",
     "RNGState",
     "SafeDiskSaver",
     "SampleCount",
     "Stage",
+    "TensorBoardLogging",
     "TrainMetrics",
     "TrainingCheckpoint",
     "Validation",
@@ -37,6 +42,7 @@ __all__ = [
     "last_checkpoints",
     "load_checkpoint",
     "ordered_handlers",
+    "progress_wanted",
     "restore",
     "seed_everything",
     "write_json_atomic",

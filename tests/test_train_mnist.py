@@ -144,3 +144,16 @@ def test_resume_from_a_damaged_path_is_one_clear_line(mnist_root, tmp_path):
     bad.write_bytes(b"\x00" * 100)
     proc = run_script("--resume", str(bad), "--output-dir", str(tmp_path / "r"), mnist=mnist_root)
     assert proc.returncode == 2 and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_custom_handler_example_runs_beside_ours(mnist_root):
+    script = SCRIPT.parent / "custom_handler.py"
+    proc = subprocess.run([sys.executable, str(script), "--data-dir", str(mnist_root), "--epochs", "3",
+                           "--limit-train-batches", "50", "--target", "0.9"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    stop = next(i for i, line in enumerate(lines) if line.startswith("Reached "))
+    # the decision (Stage.DECISION) ran before the plain handler of the same epoch, which saw val metrics
+    assert lines[stop + 1].startswith("[my handler] epoch 1: train_loss=")
+    assert lines[-1] == "[my handler] stopped early: True"

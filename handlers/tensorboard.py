@@ -1,0 +1,163 @@
+"""TensorBoard logging through Ignite's ``TensorboardLogger`` (tensorboardX underneath).
+
+Tags, grouped so TensorBoard's cards read well:
+
+- step = iteration: ``loss/train_step`` (batch loss), ``lr``, ``grad_norm``, every ``log_every`` iterations;
+- step = epoch: ``loss/train``, ``loss/val``, ``accuracy/train``, ``accuracy/val``,
+  ``time/epoch_seconds``, ``time/samples_per_second``;
+- images after each validation: ``val/confusion_matrix``, ``val/misclassified``;
+- once the run ends: hparams (the resolved config) with ``hparam/best_val_accuracy`` and
+  ``hparam/final_val_accuracy``, in the ``hparams`` sub-run.
+
+On resume, everything logged after the checkpoint's iteration is purged (``purge_step``), so no
+step appears twice. Events are flushed every ``flush_secs`` seconds and at each epoch end.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from ignite.handlers.tensorboard_logger import GradsHistHandler, WeightsHistHandler
+from ignite.engine import Engine, Events
+from ignite.handlers import TensorboardLogger
+from torch import nn
+
+from handlers.history import History
+from handlers.images import confusion_matrix_image, labelled_grid
+from handlers.ordering import Stage, attach_ordered
+
+__all__ = ["TensorBoardLogging", "MisclassifiedCollector"]
+
+EPOCH_TAGS = {
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "train_accuracy": "accuracy/train",
+    "val_accuracy": "accuracy/val",
+    "epoch_seconds": "time/epoch_seconds",
+    "samples_per_second": "time/samples_per_second",
+}
+
+
+class MisclassifiedCollector:
+    """Keeps the first ``limit`` misclassified samples of each evaluator run, and its confusion counts."""
+
+    def __init__(self, num_classes: int = 10, limit: int = 64) -> None:
+        self.num_classes = num_classes
+        self.limit = limit
+        self.images: list[torch.Tensor] = []
+        self.labels: list[tuple[int, int]] = []
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+
+    def attach(self, evaluator: Engine) -> "MisclassifiedCollector":
+        evaluator.add_event_handler(Events.STARTED, self.reset)
+        evaluator.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        return self
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self.images, self.labels = [], []
+        self.confusion.zero_()
+
+    def update(self, engine: Engine) -> None:
+        y_pred, y = engine.state.output
+        pred = y_pred.argmax(1)
+        index = (y * self.num_classes + pred).cpu()
+        self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
+        room = self.limit - len(self.images)
+        if room > 0:
+            wrong = (pred != y).nonzero().flatten()[:room].cpu()
+            x = engine.state.batch[0]
+            for i in wrong.tolist():
+                self.images.append(x[i].detach().float().cpu())
+                self.labels.append((int(pred[i]), int(y[i])))
+
+
+class TensorBoardLogging:
+    """Writes the scalars, images and hparams above into ``log_dir``.
+
+    Args:
+        log_dir: the run's ``tb/`` folder.
+        log_every: iterations between per-iteration scalars (0: none).
+        lr: callable giving the current learning rate.
+        collector: a :class:`MisclassifiedCollector` attached to the evaluator (images), or ``None``.
+        model: for weight and gradient histograms when ``histograms`` (they cost time).
+        purge_step: on resume, the first iteration to keep from the new run (checkpoint iteration + 1).
+        history: the run's :class:`History`, whose row for the epoch gives time and throughput.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | Path,
+        *,
+        log_every: int = 50,
+        lr: Callable[[], float] | None = None,
+        collector: MisclassifiedCollector | None = None,
+        model: nn.Module | None = None,
+        histograms: bool = False,
+        purge_step: int | None = None,
+        flush_secs: int = 2,
+        denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        history: History | None = None,
+    ) -> None:
+        if not isinstance(log_every, int) or log_every < 0:
+            raise ValueError(f"log_every must be an integer >= 0, got {log_every!r}")
+        if histograms and model is None:
+            raise ValueError("histograms need the model")
+        self.log_dir = Path(log_dir)
+        self.log_every = log_every
+        self.lr = lr
+        self.collector = collector
+        self.model = model
+        self.histograms = histograms
+        self.denormalize = denormalize
+        self.history = history
+        self.logger = TensorboardLogger(log_dir=str(self.log_dir), purge_step=purge_step, flush_secs=flush_secs)
+        self.writer = self.logger.writer
+
+    def attach(self, trainer: Engine) -> "TensorBoardLogging":
+        if self.log_every:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self.log_iteration)
+        attach_ordered(trainer, Events.EPOCH_COMPLETED, self.log_epoch, Stage.LOGGING)
+        if self.histograms:
+            every = Events.EPOCH_COMPLETED
+            self.logger.attach(trainer, WeightsHistHandler(self.model, tag="weights"), every)
+            self.logger.attach(trainer, GradsHistHandler(self.model, tag="grads"), every)
+        return self
+
+    def log_iteration(self, engine: Engine) -> None:
+        step, output = engine.state.iteration, engine.state.output
+        self.writer.add_scalar("loss/train_step", float(output["loss"]), step)
+        if self.lr is not None:
+            self.writer.add_scalar("lr", self.lr(), step)
+        if "grad_norm" in output:
+            self.writer.add_scalar("grad_norm", float(output["grad_norm"]), step)
+
+    def log_epoch(self, engine: Engine) -> None:
+        epoch, metrics = engine.state.epoch, dict(engine.state.metrics)
+        if self.history is not None and self.history.epochs and self.history.epochs[-1]["epoch"] == epoch:
+            metrics.update(self.history.epochs[-1])  # epoch time and throughput
+        for key, tag in EPOCH_TAGS.items():
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(tag, float(value), epoch)
+        if "val_accuracy" in engine.state.metrics and self.collector is not None:
+            self.writer.add_image("val/confusion_matrix", confusion_matrix_image(self.collector.confusion), epoch)
+            if self.collector.images:
+                images = torch.stack(self.collector.images)
+                if self.denormalize is not None:
+                    images = self.denormalize(images)
+                grid = labelled_grid(images, [f"p{p} t{t}" for p, t in self.collector.labels])
+                self.writer.add_image("val/misclassified", grid, epoch)
+        self.writer.flush()
+
+    def log_hparams(self, config: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """The resolved config and final figures, for the HParams tab (sub-run ``hparams``)."""
+        plain = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        self.writer.add_hparams(plain, clean, name="hparams")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.logger.close()

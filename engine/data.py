@@ -1,15 +1,14 @@
-"""Data paths: a data set held as tensors on the device, and a cap on batches per epoch."""
+"""The in-memory data path: a data set held as tensors on the device, sliced into batches."""
 
 from __future__ import annotations
 
-import itertools
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from engine.errors import ConfigError
 
-__all__ = ["InMemoryLoader", "LimitedLoader"]
+__all__ = ["InMemoryLoader"]
 
 
 class InMemoryLoader:
@@ -135,28 +134,3 @@ class InMemoryLoader:
         self._indices = self._draw_indices()
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
-
-
-class LimitedLoader:
-    """At most ``max_batches`` batches from ``loader`` per epoch, each epoch from a fresh iterator.
-
-    (Ignite would otherwise carry one iterator across epochs when ``epoch_length < len(loader)``,
-    so epoch ``k`` would depend on where epoch ``k-1`` stopped.)
-    """
-
-    def __init__(self, loader: Iterable, max_batches: int) -> None:
-        if not isinstance(max_batches, int) or max_batches < 1:
-            raise ConfigError(f"max_batches must be a positive integer, got {max_batches!r}")
-        self.loader = loader
-        self.max_batches = max_batches
-
-    def __len__(self) -> int:
-        return min(len(self.loader), self.max_batches)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator:
-        return itertools.islice(iter(self.loader), len(self))
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)

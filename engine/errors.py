@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "CheckpointError"]
+__all__ = ["CheckpointError", "CheckpointSaveError", "ConfigError"]
 
 
 class ConfigError(ValueError):
@@ -11,3 +11,7 @@ class ConfigError(ValueError):
 
 class CheckpointError(ConfigError):
     """A file that is not a usable checkpoint of this project; the message names the file."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions); the previous checkpoint is intact."""

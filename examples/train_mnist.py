@@ -10,12 +10,12 @@ Read top to bottom: arguments -> data -> model -> engines -> handlers -> run.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-EXIT_USAGE, EXIT_NAN = 2, 3
+EXIT_USAGE, EXIT_NAN, EXIT_SAVE = 2, 3, 1
 
 
 # ----------------------------------------------------------------------------- models
@@ -68,7 +68,7 @@ PRESETS = {
     "seed": dict(model="seed", optimizer="adam", epochs=5, batch_size=64, val_batch_size=1000, lr=1e-3,
                  weight_decay=0.0, scheduler="none", warmup_epochs=0.0, data_path="torchvision", label_smoothing=0.0,
                  width=None, channels_last=False),
-    "fast": dict(model="fast", optimizer="adam", epochs=3, batch_size=128, val_batch_size=2000, lr=4e-3,
+    "fast": dict(model="fast", optimizer="adam", epochs=3, batch_size=256, val_batch_size=2000, lr=8e-3,
                  weight_decay=0.0, scheduler="onecycle", warmup_epochs=0.0, data_path="memory", label_smoothing=0.0,
                  width=16, channels_last=True),
 }  # fmt: skip
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-delta", type=non_negative_float, default=0.0)
     g.add_argument("--early-stop-warmup", type=non_negative_int, default=0, help="epochs never judged")
     g.add_argument("--n-saved", type=positive_int, default=2, help="best checkpoints kept")
+    g.add_argument("--save-every-iters", type=positive_int, default=None,
+                   help="also save last_*.pt every N iterations (mid-epoch, exact resume)")
     g.add_argument("--log-every", type=non_negative_int, default=50, help="batch lines every N batches (0: none)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a terminal)")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
@@ -164,14 +166,16 @@ def resolve_config(args: argparse.Namespace) -> dict:
     return config
 
 
-def make_output_dir(config: dict) -> Path:
+def check_output_dir(config: dict) -> Path:
+    """The run folder; an existing run there is never overwritten without --resume."""
     from engine import ConfigError
 
     out = Path(config["output_dir"] or f"runs/mnist-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out} is a file, not a folder")
     if config["resume"] is None and out.exists() and any(out.iterdir()):
         raise ConfigError(f"output dir {out} already holds a run: pass --resume auto to continue it, "
                           f"or choose another --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -184,8 +188,12 @@ def load_mnist(root: str, train: bool, download: bool, transform=None):
     raw = Path(root) / "MNIST" / "raw"
     try:
         return torchvision.datasets.MNIST(root, train=train, download=False, transform=transform)
-    except RuntimeError:
-        pass
+    except RuntimeError as exc:
+        if "not found" not in str(exc):
+            raise ConfigError(f"the MNIST files in {raw.resolve()} cannot be read ({str(exc)[:120]})") from None
+    except (AssertionError, ValueError, IndexError, OSError) as exc:
+        raise ConfigError(f"the MNIST files in {raw.resolve()} are malformed ({type(exc).__name__}: {str(exc)[:100]}); "
+                          f"images must be uint8 IDX arrays and labels uint8 class indices") from None
     if download:
         try:
             return torchvision.datasets.MNIST(root, train=train, download=True, transform=transform)
@@ -214,12 +222,13 @@ def check_dataset(images: torch.Tensor, labels: torch.Tensor, name: str, num_cla
         raise ConfigError(f"the {name} set has labels in [{low}, {high}]; they must lie in [0, {num_classes - 1}]")
 
 
-def make_loaders(config: dict, device: torch.device):
-    """(train_loader, val_loader, train_state_object_or_None) for the chosen data path."""
+def make_loaders(config: dict, device: torch.device, progress=None):
+    """(train_loader, val_loader, order_state): ``order_state`` (the in-memory loader or the sampler)
+    holds the data order, for checkpoints; ``progress`` tells it the trainer's place in the epoch."""
     from torch.utils.data import DataLoader
     from torchvision import transforms
 
-    from engine import InMemoryLoader, LimitedLoader
+    from engine import InMemoryLoader, ResumableRandomSampler
 
     download = not config["no_download"]
     limit = config["limit_train_batches"]
@@ -236,11 +245,14 @@ def make_loaders(config: dict, device: torch.device):
     sets = [load_mnist(config["data_dir"], train, download, tf) for train in (True, False)]
     for ds, name in zip(sets, ("training", "test")):
         check_dataset(ds.data, ds.targets, name)
-    pin = device.type == "cuda"
-    kw = dict(num_workers=config["num_workers"], pin_memory=pin)
-    train = DataLoader(sets[0], batch_size=config["batch_size"], shuffle=True, **kw)
+    kw = dict(num_workers=config["num_workers"], pin_memory=device.type == "cuda",
+              persistent_workers=config["num_workers"] > 0)
+    sampler = ResumableRandomSampler(len(sets[0]), seed=config["seed"], progress=progress,
+                                     max_samples=limit * config["batch_size"] if limit else None)
+    train = DataLoader(sets[0], batch_size=config["batch_size"], sampler=sampler,
+                       generator=torch.Generator().manual_seed(config["seed"]), **kw)
     val = DataLoader(sets[1], batch_size=config["val_batch_size"], shuffle=False, **kw)
-    return (LimitedLoader(train, limit) if limit else train), val, None
+    return train, val, sampler
 
 
 def make_optimizer(config: dict, model: nn.Module) -> torch.optim.Optimizer:
@@ -253,32 +265,45 @@ def make_optimizer(config: dict, model: nn.Module) -> torch.optim.Optimizer:
 
 
 # ----------------------------------------------------------------------------- run
-def main(argv: list[str] | None = None) -> int:
+def epoch_progress(trainer) -> int | None:
+    """Batches of the current epoch the trainer has done; None at an epoch boundary."""
+    state = trainer.state
+    if not state.epoch_length or state.iteration % state.epoch_length == 0:
+        return None
+    return state.iteration - (state.epoch - 1) * state.epoch_length
+
+
+def build(argv: list[str] | None = None) -> SimpleNamespace:
+    """Everything up to ``trainer.run``: settings, data, model, engines, handlers, resume."""
     args = build_parser().parse_args(argv)
     config = resolve_config(args)
 
     from ignite.metrics import Accuracy, Loss
 
-    from engine import create_evaluator, create_trainer, resolve_device
+    from engine import ConfigError, RunLock, create_evaluator, create_trainer, resolve_device
     from handlers import (
-        ConsoleLogger, EarlyStopping, History, LRSchedule, MisclassifiedCollector, NanGuard, Progress, RNGState,
-        SampleCount, TensorBoardLogging, TrainingCheckpoint, TrainMetrics, Validation, find_resume_checkpoint,
-        load_checkpoint, progress_wanted, restore, seed_everything, write_json_atomic, write_line,
+        ConsoleLogger, EarlyStopping, GracefulStop, History, LRSchedule, MisclassifiedCollector, NanGuard, Progress,
+        RNGState, SampleCount, TensorBoardLogging, TrainingCheckpoint, TrainMetrics, Validation,
+        find_resume_checkpoint, load_checkpoint, progress_wanted, restore, seed_everything, write_json_atomic,
+        write_line,
     )  # fmt: skip
 
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     device = resolve_device(config["device"])
     if config["warmup_epochs"] >= config["epochs"]:
-        from engine import ConfigError
-
         raise ConfigError(f"--warmup-epochs ({config['warmup_epochs']}) must be less than --epochs ({config['epochs']})")
-    out = make_output_dir(config)
+    out = check_output_dir(config)
+    resume_state = None
+    if config["resume"] not in (None, "auto"):
+        path = Path(config["resume"])
+        resume_state = (path, load_checkpoint(path))  # a bad file fails here, before any work
     started = time.perf_counter()
 
     # data
     seed_everything(config["seed"])
-    train_loader, val_loader, data_state = make_loaders(config, device)
+    trainer_ref: list = []
+    train_loader, val_loader, data_state = make_loaders(config, device, lambda: epoch_progress(trainer_ref[0]))
 
     # model and optimizer
     model = (FastNet(config["width"]) if config["model"] == "fast" else SeedNet()).to(device)
@@ -292,9 +317,14 @@ def main(argv: list[str] | None = None) -> int:
                              accumulation_steps=config["accumulation_steps"], clip_grad_norm=config["clip_grad_norm"],
                              grad_norm_every=config["log_every"] if tensorboard else 0,
                              channels_last=config["channels_last"])
+    trainer_ref.append(trainer)
     evaluator = create_evaluator(run_model, {"loss": Loss(nn.CrossEntropyLoss()), "accuracy": Accuracy(),
                                              "samples": SampleCount()},
                                  device=device, amp=config["amp"], channels_last=config["channels_last"])
+
+    # the run folder: one run at a time
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out).acquire()
 
     # handlers (their order of execution is fixed by stage, not by the order below)
     train_metrics = TrainMetrics().attach(trainer)
@@ -307,33 +337,30 @@ def main(argv: list[str] | None = None) -> int:
     nan_guard = NanGuard(log=write_line).attach(trainer)
     to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "lr_schedule": schedule,
                "early_stopping": early_stopping, "history": history, "train_metrics": train_metrics,
-               "rng": RNGState()}
+               "rng": RNGState(), "data": data_state}
     if trainer.scaler is not None:
         to_save["scaler"] = trainer.scaler
-    if data_state is not None:
-        to_save["data"] = data_state
     checkpoint = TrainingCheckpoint(out / "checkpoints", to_save, n_saved=config["n_saved"],
                                     skip_if=lambda: nan_guard.triggered).attach(trainer)
+    if config["save_every_iters"]:
+        checkpoint.attach_every(trainer, config["save_every_iters"])
+    stop = GracefulStop(checkpoint, log=write_line).attach(trainer)
     ConsoleLogger(train_metrics, log_every=config["log_every"]).attach(trainer)
     collector = MisclassifiedCollector().attach(evaluator) if tensorboard else None
     if progress_wanted(config["no_progress"]):
         Progress().attach(trainer, evaluator)
 
     # resume
-    if config["resume"]:
-        if config["resume"] == "auto":
-            found = find_resume_checkpoint(out / "checkpoints", log=write_line)
-            if found is None:
-                write_line(f"No checkpoint in {out / 'checkpoints'}: starting a new run")
-        else:
-            path = Path(config["resume"])
-            found = (path, load_checkpoint(path))
-        if found is not None:
-            path, state = found
-            restore({k: v for k, v in to_save.items()}, state, path)
-            checkpoint.load_bookkeeping(state, path)
-            write_line(f"Resumed from {path} (epoch {trainer.state.epoch}, iteration {trainer.state.iteration})")
-            config["resumed_from"] = str(path)
+    if config["resume"] == "auto":
+        resume_state = find_resume_checkpoint(out / "checkpoints", log=write_line)
+        if resume_state is None:
+            write_line(f"No checkpoint in {out / 'checkpoints'}: starting a new run")
+    if resume_state is not None:
+        path, state = resume_state
+        restore(to_save, state, path)
+        checkpoint.load_bookkeeping(state, path)
+        write_line(f"Resumed from {path} (epoch {trainer.state.epoch}, iteration {trainer.state.iteration})")
+        config["resumed_from"] = str(path)
     write_json_atomic(out / "config.json", {**config, "device": str(device), "output_dir": str(out)})
     tb = None
     if tensorboard:
@@ -341,39 +368,76 @@ def main(argv: list[str] | None = None) -> int:
                                 model=model, histograms=config["tb_histograms"],
                                 purge_step=trainer.state.iteration + 1 if trainer.state.iteration else None,
                                 denormalize=lambda x: x * MNIST_STD + MNIST_MEAN, history=history).attach(trainer)
+    return SimpleNamespace(config=config, out=out, trainer=trainer, train_loader=train_loader, history=history,
+                           checkpoint=checkpoint, nan_guard=nan_guard, stop=stop, tb=tb, lock=lock, started=started)
 
-    # run
+
+def train(run: SimpleNamespace) -> None:
+    """``trainer.run`` up to ``--epochs`` (or until a handler stops it)."""
+    done = run.trainer.state.epoch >= run.config["epochs"] and not epoch_progress(run.trainer)
+    if not done:
+        run.trainer.run(run.train_loader, max_epochs=run.config["epochs"])
+
+
+def finish(run: SimpleNamespace) -> int:
+    """Write the last records, print the summary, release the run folder; the exit code."""
+    from handlers import write_line
+
     try:
-        if trainer.state.epoch < config["epochs"]:
-            trainer.run(train_loader, max_epochs=config["epochs"])
-        history.write()
-        best = history.best()
-        if tb is not None:
-            final = history.epochs[-1].get("val_accuracy") if history.epochs else None
-            tb.log_hparams(config, {"hparam/best_val_accuracy": best and best["val_accuracy"],
-                                    "hparam/final_val_accuracy": final})
+        run.history.write()
+        best = run.history.best()
+        if run.tb is not None:
+            final = run.history.epochs[-1].get("val_accuracy") if run.history.epochs else None
+            run.tb.log_hparams(run.config, {"hparam/best_val_accuracy": best and best["val_accuracy"],
+                                            "hparam/final_val_accuracy": final})
     finally:
-        if tb is not None:
-            tb.close()
-
-    # summary
-    total = time.perf_counter() - started
+        close(run)
+    out, checkpoint = run.out, run.checkpoint
     if best is not None:
         write_line(f"Best val accuracy: {best['val_accuracy'] * 100:.2f}% at epoch {best['epoch']} "
-                   f"({len(history.epochs)} epoch(s) in all, this process {total:.1f} s)")
+                   f"({len(run.history.epochs)} epoch(s) in all, this process {time.perf_counter() - run.started:.1f} s)")
     write_line(f"Checkpoints: {out / 'checkpoints'} (best: {checkpoint.best_path and checkpoint.best_path.name}, "
                f"last: {checkpoint.last_path and checkpoint.last_path.name})")
     write_line(f"History: {out / 'history.json'}")
-    if tb is not None:
+    if run.tb is not None:
         write_line(f"TensorBoard: tensorboard --logdir {out / 'tb'}")
-    return EXIT_NAN if nan_guard.triggered else 0
+    if run.stop.exit_code is not None:
+        return run.stop.exit_code
+    return EXIT_NAN if run.nan_guard.triggered else 0
+
+
+def close(run: SimpleNamespace) -> None:
+    run.stop.uninstall()
+    if run.tb is not None:
+        run.tb.close()
+    run.lock.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    run = build(argv)
+    try:
+        train(run)
+    except BaseException:
+        close(run)
+        raise
+    return finish(run)
 
 
 if __name__ == "__main__":
-    from engine.errors import ConfigError
+    from engine.errors import CheckpointSaveError, ConfigError
 
     try:
         sys.exit(main())
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except CheckpointSaveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_SAVE)
+    except KeyboardInterrupt:
+        print("Interrupted before training started; nothing was saved", file=sys.stderr)
+        sys.exit(130)
+    except OSError as exc:  # disk full or read-only outside checkpointing (history, config, events)
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}; checkpoints already saved are intact",
+              file=sys.stderr)
+        sys.exit(EXIT_SAVE)

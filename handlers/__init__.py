@@ -17,6 +17,7 @@ from handlers.nan_guard import NanGuard
 from handlers.progress import Progress, progress_wanted
 from handlers.tensorboard import MisclassifiedCollector, TensorBoardLogging
 from handlers.ordering import Stage, attach_ordered, ordered_handlers
+from handlers.signals import GracefulStop
 from handlers.rng import RNGState, seed_everything
 from handlers.validation import Validation
 
@@ -24,6 +25,7 @@ __all__ = [
     "SCHEDULERS",
     "ConsoleLogger",
     "EarlyStopping",
+    "GracefulStop",
     "History",
     "LRSchedule",
     "MisclassifiedCollector",

@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, CheckpointSaveError
 from handlers.ordering import Stage, attach_ordered
 
 __all__ = [
@@ -161,6 +161,20 @@ class TrainingCheckpoint:
             include_self=True,
         )
         other_of_best.checkpoint, other_of_last.checkpoint = self.last, self.best
+        for stale in self.dirname.glob(".tmp-*.pt.part"):  # left by a process killed while saving
+            stale.unlink(missing_ok=True)
+
+    def attach_every(self, trainer: Engine, iterations: int) -> "TrainingCheckpoint":
+        """Also save ``last`` every ``iterations`` iterations (mid-epoch), in the same rotation."""
+        if not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+
+        def save_mid_epoch(engine: Engine) -> None:
+            if engine.state.iteration % engine.state.epoch_length:  # epoch ends save anyway
+                self.save(engine, best=False)
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=iterations), save_mid_epoch)
+        return self
 
     def attach(self, trainer: Engine) -> "TrainingCheckpoint":
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self, Stage.CHECKPOINT)
@@ -176,9 +190,16 @@ class TrainingCheckpoint:
         if not _all_finite(self.model):
             return
         score = engine.state.metrics.get(self.metric)
-        if best and score is not None and math.isfinite(float(score)):
-            self.best(engine)
-        self.last(engine)
+        previous = self.last_path
+        try:
+            if best and score is not None and math.isfinite(float(score)):
+                self.best(engine)
+            self.last(engine)
+        except OSError as exc:
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointSaveError(
+                f"could not write a checkpoint in {self.dirname} ({exc.strerror or exc}); {kept}"
+            ) from None
 
     @property
     def best_path(self) -> Path | None:

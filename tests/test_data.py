@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import ConfigError, InMemoryLoader, LimitedLoader
+from engine import ConfigError, InMemoryLoader, ResumableRandomSampler
 
 
 def loader(n=103, bs=10, **kw):
@@ -93,10 +93,23 @@ def test_max_batches_caps_each_epoch_and_epochs_move_on():
     assert len(ld) == 3 and len(a) == len(b) == 30 and a != b
 
 
-def test_limited_loader_restarts_each_epoch():
-    base = list(range(10))
-    ld = LimitedLoader(base, 4)
-    assert list(ld) == list(ld) == [0, 1, 2, 3] and len(ld) == 4
+@pytest.mark.parametrize("consumed", [0, 3, 17, None])
+def test_sampler_continues_exactly(consumed):
+    reference = ResumableRandomSampler(40, seed=1, max_samples=30)
+    epochs = [list(reference) for _ in range(3)]
+    assert all(len(e) == 30 == len(set(e)) for e in epochs) and epochs[0] != epochs[1]
+    position = {"value": consumed}
+    sampler = ResumableRandomSampler(40, seed=1, max_samples=30, progress=lambda: position["value"])
+    list(sampler)  # epoch 1
+    second = list(sampler)  # epoch 2 drawn; the trainer consumed `consumed` of it (None: all of it)
+    assert second == epochs[1]
+    fresh = ResumableRandomSampler(40, seed=99, max_samples=30)
+    fresh.load_state_dict(sampler.state_dict())
+    if consumed is None:
+        assert list(fresh) == epochs[2]
+    else:
+        assert list(fresh) == epochs[1][consumed:]
+        assert list(fresh) == epochs[2]
 
 
 @pytest.mark.parametrize(

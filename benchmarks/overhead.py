@@ -1,0 +1,138 @@
+"""Engine overhead: the example's trainer with every default handler vs a hand-written loop.
+
+Both do the same work: the default preset's model, batches (same seed), optimizer and one-cycle LR,
+per-sample train loss/accuracy, the seed-style lines, and a full validation after each epoch. The
+engine run additionally checkpoints, writes history.json and TensorBoard events, guards against
+NaN and listens for stop signals, as it does by default.
+
+This machine's speed drifts by tens of percent over seconds, so whole runs timed one after the
+other compare badly. Instead both runs advance side by side in one process, in alternating
+segments of ``--segment`` iterations (the engine is paused with Ignite's ``interrupt()``, the raw
+loop is a generator): A B A B ... Each pair of runs gives one ratio, the sum of the engine's
+segments (plus its end-of-run work) over the sum of the raw loop's; the result is the median over
+``--pairs`` pairs.
+
+    python benchmarks/overhead.py [--pairs 5] [--epochs 3] [--segment 20]
+
+Last line: overhead_ratio=<engine/raw>
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from typing import Iterator
+
+import torch
+from ignite.engine import Events
+from ignite.handlers import PiecewiseLinear
+from torch import nn
+
+from common import machine, mnist_root, quiet, train_mnist
+
+
+class EngineRun:
+    """The example's trainer, built by ``train_mnist.build`` exactly as the script builds it."""
+
+    def __init__(self, flags: list[str], out: str, segment: int) -> None:
+        with quiet():
+            self.run = train_mnist.build([*flags, "--output-dir", out])
+        self.run.trainer.add_event_handler(Events.ITERATION_COMPLETED(every=segment), lambda e: e.interrupt())
+        self.done = False
+
+    def step(self) -> None:
+        """Run until the next pause, or to the end (then write the last records, as the script does)."""
+        with quiet():
+            state = self.run.trainer.run(self.run.train_loader, max_epochs=self.run.config["epochs"])
+            if state.epoch >= self.run.config["epochs"] and not train_mnist.epoch_progress(self.run.trainer):
+                assert train_mnist.finish(self.run) == 0
+                self.done = True
+
+
+def raw_loop(flags: list[str], segment: int) -> Iterator[None]:
+    """The same training, written by hand; pauses (yields) every ``segment`` iterations."""
+    with quiet():
+        config = train_mnist.resolve_config(train_mnist.build_parser().parse_args(flags))
+        torch.manual_seed(config["seed"])
+        train_loader, val_loader, _ = train_mnist.make_loaders(config, torch.device("cpu"))
+        model = train_mnist.FastNet(config["width"]).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+        criterion = nn.CrossEntropyLoss()
+        total = config["epochs"] * len(train_loader)
+        lr = config["lr"]
+        lrs = [v for _, v in PiecewiseLinear.simulate_values(
+            total, param_name="lr", milestones_values=[(0, lr / 25), (total // 4, lr), (total - 1, lr / 1e4)])]
+    step = 0
+    for epoch in range(1, config["epochs"] + 1):
+        model.train()
+        loss_sum, correct, seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+        for batch, (x, y) in enumerate(train_loader, 1):
+            optimizer.param_groups[0]["lr"] = lrs[step]
+            step += 1
+            x = x.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)
+            out = model(x)
+            loss = criterion(out, y)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * y.shape[0]
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += y.shape[0]
+            if batch % 50 == 0:
+                _ = f"Epoch {epoch}, Batch {batch}, Train Loss: {loss_sum.item() / seen:.4f}, " \
+                    f"Train Accuracy: {correct.item() / seen * 100:.2f}%"
+            if step % segment == 0:
+                yield
+        _ = f"Epoch {epoch}, Train Loss: {loss_sum.item() / seen:.4f}, Train Accuracy: {correct.item() / seen:.2%}"
+        model.eval()
+        val_loss, val_correct, val_seen = 0.0, 0, 0
+        with torch.no_grad():
+            for x, y in val_loader:
+                out = model(x.contiguous(memory_format=torch.channels_last)).float()
+                val_loss += criterion(out, y).item() * y.shape[0]
+                val_correct += (out.argmax(1) == y).sum().item()
+                val_seen += y.shape[0]
+        _ = f"Epoch {epoch}, Val Loss: {val_loss / val_seen:.4f}, Val Accuracy: {val_correct / val_seen:.2%}"
+
+
+def pair(flags: list[str], out: str, segment: int) -> tuple[float, float]:
+    """Seconds of the engine and of the raw loop, advanced in alternating segments."""
+    engine = EngineRun(flags, out, segment)
+    raw = raw_loop(flags, segment)
+    t_engine = t_raw = 0.0
+    raw_done = False
+    while not (engine.done and raw_done):
+        if not engine.done:
+            start = time.perf_counter()
+            engine.step()
+            t_engine += time.perf_counter() - start
+        if not raw_done:
+            start = time.perf_counter()
+            raw_done = next(raw, StopIteration) is StopIteration
+            t_raw += time.perf_counter() - start
+    return t_engine, t_raw
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--segment", type=int, default=20, help="iterations per alternating segment")
+    args = p.parse_args()
+    flags = ["--epochs", str(args.epochs), "--no-progress", "--seed", "0", "--data-dir", mnist_root()]
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        pair([*flags[:1], "1", *flags[2:]], f"{tmp}/warmup", args.segment)  # warm-up, not counted
+        ratios = []
+        for i in range(args.pairs):
+            e, r = pair(flags, f"{tmp}/run{i}", args.segment)
+            ratios.append(e / r)
+            print(f"pair {i + 1}: engine {e:.3f} s  raw {r:.3f} s  ratio {e / r:.4f}", flush=True)
+    print(f"median engine/raw over {args.pairs} pairs; spread {min(ratios):.4f}..{max(ratios):.4f}")
+    print(f"overhead_ratio={statistics.median(ratios):.4f}")
+
+
+if __name__ == "__main__":
+    main()

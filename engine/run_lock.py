@@ -1,0 +1,51 @@
+"""One run per output directory: an advisory lock that the kernel drops when the process dies."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from engine.errors import ConfigError
+
+__all__ = ["RunLock"]
+
+
+class RunLock:
+    """Hold ``<directory>/.lock`` (``flock``) for the life of a run.
+
+    A second process asking for the same directory is refused with a clear error; a run killed
+    with SIGKILL leaves no stuck lock, since the kernel releases ``flock`` locks with the process.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"output dir {self.path.parent} is in use by another run (pid {holder}): wait for it to end, "
+                f"or choose another --output-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

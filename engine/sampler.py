@@ -1,0 +1,81 @@
+"""A shuffling sampler for ``DataLoader`` that can continue an epoch exactly where it stopped."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch.utils.data import Sampler
+
+from engine.errors import ConfigError
+
+__all__ = ["ResumableRandomSampler"]
+
+
+class ResumableRandomSampler(Sampler[int]):
+    """Random order from its own ``torch.Generator`` (not the global RNG), at most ``max_samples`` per
+    epoch, and a ``state_dict()`` that lets a resumed run hand out the same remaining indices.
+
+    ``progress`` tells the sampler how many samples of the current epoch the *trainer* has consumed
+    (``None`` at an epoch boundary): a ``DataLoader`` prefetches, so the sampler itself cannot know.
+
+    Args:
+        num_samples: size of the data set.
+        seed: seed of the order.
+        max_samples: cap per epoch (``None``: all), e.g. ``limit_batches * batch_size``.
+        progress: callable giving the trainer's position, used by ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int = 0,
+        max_samples: int | None = None,
+        progress: Callable[[], int | None] | None = None,
+    ) -> None:
+        if num_samples < 1:
+            raise ConfigError("the data set is empty: there is nothing to train on")
+        if max_samples is not None and max_samples < 1:
+            raise ConfigError(f"max_samples must be positive, got {max_samples}")
+        self.num_samples = num_samples
+        self.max_samples = max_samples
+        self.progress = progress
+        self.generator = torch.Generator().manual_seed(seed)
+        self._epoch_rng: torch.Tensor | None = None
+        self._order: torch.Tensor | None = None
+        self._offset: int | None = None  # set by load_state_dict: continue the current order from here
+
+    def __len__(self) -> int:
+        return self.num_samples if self.max_samples is None else min(self.num_samples, self.max_samples)
+
+    def _draw(self) -> torch.Tensor:
+        self._epoch_rng = self.generator.get_state()
+        return torch.randperm(self.num_samples, generator=self.generator)[: len(self)]
+
+    def __iter__(self) -> Iterator[int]:
+        if self._offset is not None and self._order is not None:
+            order, start = self._order, self._offset
+        else:
+            order, start = self._draw(), 0
+        self._order, self._offset = order, None
+        return iter(order[start:].tolist())
+
+    def state_dict(self) -> dict[str, Any]:
+        position = self.progress() if self.progress is not None else None
+        return {
+            "epoch_rng": (self._epoch_rng if self._epoch_rng is not None else self.generator.get_state()).clone(),
+            "rng": self.generator.get_state().clone(),
+            "position": position,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = {"epoch_rng", "rng", "position"} - set(state)
+        if missing:
+            raise ConfigError(f"sampler state lacks {sorted(missing)}")
+        if state["position"] is None:  # at an epoch boundary: the next epoch draws a new order
+            self.generator.set_state(state["rng"])
+            self._order, self._offset = None, None
+            return
+        self.generator.set_state(state["epoch_rng"])
+        self._order = self._draw()
+        self._offset = int(state["position"])

@@ -1,0 +1,74 @@
+"""Stop on SIGTERM or SIGINT (Ctrl-C) with a checkpoint of the current iteration."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Callable
+
+from ignite.engine import Engine, Events
+
+from handlers.checkpoint import TrainingCheckpoint
+
+__all__ = ["GracefulStop"]
+
+
+class GracefulStop:
+    """On the first SIGTERM or SIGINT: finish the running iteration, save ``last`` there, stop the run.
+
+    ``exit_code`` is then ``128 + signal`` (130 for SIGINT, 143 for SIGTERM). A second signal while
+    stopping exits at once: every file already saved stays valid, since saves are atomic renames.
+    The handlers are installed when the trainer starts and the previous ones put back when it
+    completes (call :meth:`uninstall` yourself if the run can end by an exception).
+    """
+
+    def __init__(
+        self,
+        checkpoint: TrainingCheckpoint | None,
+        log: Callable[[str], None] = print,
+        signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.log = log
+        self.signals = signals
+        self.received: int | None = None
+        self._trainer: Engine | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.received is None else 128 + self.received
+
+    def attach(self, trainer: Engine) -> "GracefulStop":
+        self._trainer = trainer
+        trainer.add_event_handler(Events.STARTED, self.install)
+        trainer.add_event_handler(Events.TERMINATE, self._save)
+        trainer.add_event_handler(Events.COMPLETED, self.uninstall)
+        return self
+
+    def install(self, engine: Engine | None = None) -> None:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self, engine: Engine | None = None) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            os._exit(128 + signum)  # second signal: leave now; saved files are complete or absent
+        self.received = signum
+        self.log(f"Received {name}: stopping after this iteration and saving a checkpoint "
+                 f"(send it again to quit at once)")
+        if self._trainer is not None:
+            self._trainer.terminate()
+
+    def _save(self, engine: Engine) -> None:
+        if self.received is None or self.checkpoint is None:
+            return
+        self.checkpoint.save(engine, best=False)
+        path = self.checkpoint.last_path
+        self.log(f"Saved {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
+                 f"continue with --resume auto")

@@ -10,6 +10,7 @@ Read top to bottom: arguments -> data -> model -> engines -> handlers -> run.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -191,9 +192,9 @@ def load_mnist(root: str, train: bool, download: bool, transform=None):
     except RuntimeError as exc:
         if "not found" not in str(exc):
             raise ConfigError(f"the MNIST files in {raw.resolve()} cannot be read ({str(exc)[:120]})") from None
-    except (AssertionError, ValueError, IndexError, OSError) as exc:
-        raise ConfigError(f"the MNIST files in {raw.resolve()} are malformed ({type(exc).__name__}: {str(exc)[:100]}); "
-                          f"images must be uint8 IDX arrays and labels uint8 class indices") from None
+    except (AssertionError, ValueError, IndexError, TypeError, OSError) as exc:
+        raise ConfigError(explain_bad_idx(raw, train) or f"the MNIST files in {raw.resolve()} are malformed "
+                          f"({type(exc).__name__}: {str(exc)[:100]})") from None
     if download:
         try:
             return torchvision.datasets.MNIST(root, train=train, download=True, transform=transform)
@@ -203,6 +204,26 @@ def load_mnist(root: str, train: bool, download: bool, transform=None):
         reason = "downloading is switched off"
     raise ConfigError(f"MNIST not found in {raw.resolve()} ({reason}); put the four IDX files there, "
                       f"or point --data-dir / MNIST_ROOT at a folder holding MNIST/raw")
+
+
+IDX_TYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
+
+
+def explain_bad_idx(raw: Path, train: bool) -> str | None:
+    """Name what is wrong with MNIST IDX files that torchvision could not read, from their headers."""
+    prefix, name = ("train", "training") if train else ("t10k", "test")
+    for kind in ("images", "labels"):
+        path = raw / f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
+        header = path.read_bytes()[:8] if path.is_file() else b""
+        if len(header) < 8:
+            return f"{path} is not an IDX file (too short)"
+        code, dims, count = header[2], header[3], int.from_bytes(header[4:8], "big")
+        if count == 0:
+            return f"the {name} set is empty: {path} holds 0 samples"
+        if code != 0x08:
+            what = "class labels" if kind == "labels" else "pixels"
+            return f"{path} holds {IDX_TYPES.get(code, hex(code))} values; MNIST {what} must be uint8"
+    return None
 
 
 def check_dataset(images: torch.Tensor, labels: torch.Tensor, name: str, num_classes: int = 10) -> None:
@@ -247,7 +268,11 @@ def make_loaders(config: dict, device: torch.device, progress=None):
         check_dataset(ds.data, ds.targets, name)
     kw = dict(num_workers=config["num_workers"], pin_memory=device.type == "cuda",
               persistent_workers=config["num_workers"] > 0)
-    sampler = ResumableRandomSampler(len(sets[0]), seed=config["seed"], progress=progress,
+    def samples_done() -> int | None:  # the sampler counts samples, the trainer batches
+        batches = progress() if progress is not None else None
+        return None if batches is None else batches * config["batch_size"]
+
+    sampler = ResumableRandomSampler(len(sets[0]), seed=config["seed"], progress=samples_done,
                                      max_samples=limit * config["batch_size"] if limit else None)
     train = DataLoader(sets[0], batch_size=config["batch_size"], sampler=sampler,
                        generator=torch.Generator().manual_seed(config["seed"]), **kw)
@@ -414,6 +439,7 @@ def close(run: SimpleNamespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("ignite").addHandler(logging.NullHandler())  # errors reach the user as our one line
     run = build(argv)
     try:
         train(run)

@@ -101,6 +101,15 @@ class _Bookkeeping:
         return {"saved": [(p, f) for p, f in saved]}
 
 
+def _os_error_in(exc: BaseException | None) -> OSError | None:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
@@ -195,10 +204,13 @@ class TrainingCheckpoint:
             if best and score is not None and math.isfinite(float(score)):
                 self.best(engine)
             self.last(engine)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
+            cause = _os_error_in(exc)  # torch's zip writer wraps a failed write in a RuntimeError
+            if cause is None:
+                raise
             kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
             raise CheckpointSaveError(
-                f"could not write a checkpoint in {self.dirname} ({exc.strerror or exc}); {kept}"
+                f"could not write a checkpoint in {self.dirname} ({cause.strerror or cause}); {kept}"
             ) from None
 
     @property

@@ -179,7 +179,7 @@ def fake_mnist(root: Path, images: torch.Tensor, labels: torch.Tensor, partial: 
     [
         (torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.uint8), False, "empty"),
         (torch.zeros(20, 32, 32, dtype=torch.uint8), torch.zeros(20, dtype=torch.uint8), False, "28x28"),
-        (torch.zeros(20, 28, 28, dtype=torch.uint8), torch.zeros(20, dtype=torch.float32), False, "labels"),
+        (torch.zeros(20, 28, 28, dtype=torch.uint8), torch.zeros(20, dtype=torch.float32), False, "float32 values"),
         (torch.zeros(20, 28, 28, dtype=torch.uint8), torch.full((20,), 12, dtype=torch.uint8), False, "[0, 9]"),
         (torch.zeros(20, 28, 28, dtype=torch.uint8), torch.zeros(20, dtype=torch.uint8), True, "MNIST not found"),
     ],
@@ -196,14 +196,14 @@ def test_bad_data_is_one_line_before_any_training(tmp_path, images, labels, part
 
 @pytest.fixture(scope="module")
 def real_checkpoint_bytes(tmp_path_factory) -> bytes:
-    from ignite.engine import Engine
+    from ignite.engine import Engine, Events
     from torch import nn
 
     from handlers import TrainingCheckpoint
 
     folder = tmp_path_factory.mktemp("ckpt")
     trainer = Engine(lambda e, b: None)
-    trainer.add_event_handler("epoch_started", lambda e: e.state.metrics.__setitem__("val_accuracy", 0.5))
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: e.state.metrics.__setitem__("val_accuracy", 0.5))
     TrainingCheckpoint(folder, {"model": nn.Linear(4, 3), "trainer": trainer}).attach(trainer)
     trainer.run([0], max_epochs=1)
     return (folder / "last_iter=1.pt").read_bytes()

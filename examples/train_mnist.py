@@ -217,7 +217,7 @@ def explain_bad_idx(raw: Path, train: bool) -> str | None:
         header = path.read_bytes()[:8] if path.is_file() else b""
         if len(header) < 8:
             return f"{path} is not an IDX file (too short)"
-        code, dims, count = header[2], header[3], int.from_bytes(header[4:8], "big")
+        code, count = header[2], int.from_bytes(header[4:8], "big")
         if count == 0:
             return f"the {name} set is empty: {path} holds 0 samples"
         if code != 0x08:

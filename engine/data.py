@@ -19,8 +19,9 @@ class InMemoryLoader:
     and ``state_dict()`` (epoch, position, generator state) lets a run continue mid-epoch exactly.
 
     Sharding: every rank draws the same permutation and takes ``perm[rank::world_size]``. With
-    ``drop_last`` (training) the permutation is cut to a multiple of ``world_size`` so all shards
-    are equal; without it (evaluation) every sample is seen by exactly one rank, none twice.
+    ``equal_shards`` (default: when shuffling, i.e. training) the permutation is first cut to a
+    multiple of ``world_size``, so every rank runs the same number of steps; without it
+    (evaluation) every sample is seen by exactly one rank, none twice and none padded.
 
     Args:
         x: inputs, first dimension = samples (normalise them once, before).
@@ -28,6 +29,7 @@ class InMemoryLoader:
         batch_size: samples per batch on this rank.
         shuffle: a new permutation each epoch; else the stored order.
         drop_last: drop the last short batch of each epoch.
+        equal_shards: cut to a multiple of ``world_size`` (default: ``shuffle``).
         seed: seed of the order.
         device: where to hold the tensors (default: where they are).
         max_batches: cap on batches per epoch (``None``: all).
@@ -42,6 +44,7 @@ class InMemoryLoader:
         *,
         shuffle: bool = True,
         drop_last: bool = False,
+        equal_shards: bool | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
         max_batches: int | None = None,
@@ -65,6 +68,7 @@ class InMemoryLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.equal_shards = shuffle if equal_shards is None else equal_shards
         self.seed = seed
         self.max_batches = max_batches
         self.rank = rank
@@ -79,7 +83,7 @@ class InMemoryLoader:
     def num_samples(self) -> int:
         """Samples this rank sees per (uncapped) epoch."""
         n = self.x.shape[0]
-        if self.drop_last:
+        if self.equal_shards:
             return n // self.world_size
         return len(range(self.rank, n, self.world_size))
 
@@ -96,7 +100,7 @@ class InMemoryLoader:
             order = torch.randperm(n, generator=self.generator)
         else:
             order = torch.arange(n)
-        if self.drop_last:
+        if self.equal_shards:
             order = order[: n - n % self.world_size]
         order = order[self.rank :: self.world_size]
         return order.to(self.x.device)

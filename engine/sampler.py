@@ -19,11 +19,15 @@ class ResumableRandomSampler(Sampler[int]):
     ``progress`` tells the sampler how many samples of the current epoch the *trainer* has consumed
     (``None`` at an epoch boundary): a ``DataLoader`` prefetches, so the sampler itself cannot know.
 
+    In a distributed run every rank draws the same permutation, cut to a multiple of
+    ``world_size``, and takes ``perm[rank::world_size]``: equal, disjoint shards.
+
     Args:
         num_samples: size of the data set.
         seed: seed of the order.
-        max_samples: cap per epoch (``None``: all), e.g. ``limit_batches * batch_size``.
+        max_samples: cap per epoch on this rank (``None``: all), e.g. ``limit_batches * batch_size``.
         progress: callable giving the trainer's position, used by ``state_dict``.
+        rank, world_size: this process's shard.
     """
 
     def __init__(
@@ -32,12 +36,20 @@ class ResumableRandomSampler(Sampler[int]):
         seed: int = 0,
         max_samples: int | None = None,
         progress: Callable[[], int | None] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in a world of size {world_size}")
         if num_samples < 1:
             raise ConfigError("the data set is empty: there is nothing to train on")
+        if num_samples < world_size:
+            raise ConfigError(f"{num_samples} samples cannot be shared among {world_size} processes")
         if max_samples is not None and max_samples < 1:
             raise ConfigError(f"max_samples must be positive, got {max_samples}")
         self.num_samples = num_samples
+        self.rank = rank
+        self.world_size = world_size
         self.max_samples = max_samples
         self.progress = progress
         self.generator = torch.Generator().manual_seed(seed)
@@ -46,11 +58,14 @@ class ResumableRandomSampler(Sampler[int]):
         self._offset: int | None = None  # set by load_state_dict: continue the current order from here
 
     def __len__(self) -> int:
-        return self.num_samples if self.max_samples is None else min(self.num_samples, self.max_samples)
+        shard = self.num_samples // self.world_size
+        return shard if self.max_samples is None else min(shard, self.max_samples)
 
     def _draw(self) -> torch.Tensor:
         self._epoch_rng = self.generator.get_state()
-        return torch.randperm(self.num_samples, generator=self.generator)[: len(self)]
+        order = torch.randperm(self.num_samples, generator=self.generator)
+        order = order[: self.num_samples - self.num_samples % self.world_size][self.rank :: self.world_size]
+        return order[: len(self)]
 
     def __iter__(self) -> Iterator[int]:
         if self._offset is not None and self._order is not None:

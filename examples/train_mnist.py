@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels-last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    g = p.add_argument_group("distributed (or launch with torchrun)")
+    g.add_argument("--nproc-per-node", type=positive_int, default=None,
+                   help="spawn this many processes here (idist.Parallel); --batch-size stays global")
+    g.add_argument("--backend", choices=["gloo", "nccl"], default=None,
+                   help="default: nccl with CUDA, else gloo")
     return p
 
 
@@ -243,24 +248,29 @@ def check_dataset(images: torch.Tensor, labels: torch.Tensor, name: str, num_cla
         raise ConfigError(f"the {name} set has labels in [{low}, {high}]; they must lie in [0, {num_classes - 1}]")
 
 
-def make_loaders(config: dict, device: torch.device, progress=None):
+def make_loaders(config: dict, device: torch.device, progress=None, rank: int = 0, world: int = 1):
     """(train_loader, val_loader, order_state): ``order_state`` (the in-memory loader or the sampler)
-    holds the data order, for checkpoints; ``progress`` tells it the trainer's place in the epoch."""
-    from torch.utils.data import DataLoader
+    holds the data order, for checkpoints; ``progress`` tells it the trainer's place in the epoch.
+
+    In a distributed run each rank gets its shard: training batches of ``batch_size / world``
+    (``--batch-size`` is global), and a disjoint, unpadded part of the validation set."""
+    from torch.utils.data import DataLoader, Subset
     from torchvision import transforms
 
     from engine import InMemoryLoader, ResumableRandomSampler
 
     download = not config["no_download"]
     limit = config["limit_train_batches"]
+    batch = config["batch_size"] // world
+    shard = dict(rank=rank, world_size=world)
     if config["data_path"] == "memory":
         sets = [load_mnist(config["data_dir"], train, download) for train in (True, False)]
         for ds, name in zip(sets, ("training", "test")):
             check_dataset(ds.data, ds.targets, name)
         x_train, x_val = ((ds.data.float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)).unsqueeze_(1) for ds in sets)
-        train = InMemoryLoader(x_train, sets[0].targets, config["batch_size"], shuffle=True, drop_last=False,
-                               seed=config["seed"], device=device, max_batches=limit)
-        val = InMemoryLoader(x_val, sets[1].targets, config["val_batch_size"], shuffle=False, device=device)
+        train = InMemoryLoader(x_train, sets[0].targets, batch, shuffle=True, seed=config["seed"], device=device,
+                               max_batches=limit, **shard)
+        val = InMemoryLoader(x_val, sets[1].targets, config["val_batch_size"], shuffle=False, device=device, **shard)
         return train, val, train
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
     sets = [load_mnist(config["data_dir"], train, download, tf) for train in (True, False)]
@@ -268,15 +278,17 @@ def make_loaders(config: dict, device: torch.device, progress=None):
         check_dataset(ds.data, ds.targets, name)
     kw = dict(num_workers=config["num_workers"], pin_memory=device.type == "cuda",
               persistent_workers=config["num_workers"] > 0)
+
     def samples_done() -> int | None:  # the sampler counts samples, the trainer batches
         batches = progress() if progress is not None else None
-        return None if batches is None else batches * config["batch_size"]
+        return None if batches is None else batches * batch
 
     sampler = ResumableRandomSampler(len(sets[0]), seed=config["seed"], progress=samples_done,
-                                     max_samples=limit * config["batch_size"] if limit else None)
-    train = DataLoader(sets[0], batch_size=config["batch_size"], sampler=sampler,
+                                     max_samples=limit * batch if limit else None, **shard)
+    train = DataLoader(sets[0], batch_size=batch, sampler=sampler,
                        generator=torch.Generator().manual_seed(config["seed"]), **kw)
-    val = DataLoader(sets[1], batch_size=config["val_batch_size"], shuffle=False, **kw)
+    val_set = Subset(sets[1], range(rank, len(sets[1]), world)) if world > 1 else sets[1]
+    val = DataLoader(val_set, batch_size=config["val_batch_size"], shuffle=False, **kw)
     return train, val, sampler
 
 
@@ -305,6 +317,8 @@ def build(argv: list[str] | None = None) -> SimpleNamespace:
 
     from ignite.metrics import Accuracy, Loss
 
+    import ignite.distributed as idist
+
     from engine import ConfigError, RunLock, create_evaluator, create_trainer, resolve_device
     from handlers import (
         ConsoleLogger, EarlyStopping, GracefulStop, History, LRSchedule, MisclassifiedCollector, NanGuard, Progress,
@@ -315,10 +329,18 @@ def build(argv: list[str] | None = None) -> SimpleNamespace:
 
     if config["threads"]:
         torch.set_num_threads(config["threads"])
+    rank, world = idist.get_rank(), idist.get_world_size()
     device = resolve_device(config["device"])
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", idist.get_local_rank())
+        torch.cuda.set_device(device)
     if config["warmup_epochs"] >= config["epochs"]:
         raise ConfigError(f"--warmup-epochs ({config['warmup_epochs']}) must be less than --epochs ({config['epochs']})")
-    out = check_output_dir(config)
+    if config["batch_size"] % world:
+        raise ConfigError(f"--batch-size {config['batch_size']} is global: it must divide among {world} processes")
+    out = check_output_dir(config) if rank == 0 else Path(config["output_dir"] or "")
+    if world > 1 and not config["output_dir"]:
+        raise ConfigError("a distributed run needs an explicit --output-dir (every process must agree on it)")
     resume_state = None
     if config["resume"] not in (None, "auto"):
         path = Path(config["resume"])
@@ -328,13 +350,18 @@ def build(argv: list[str] | None = None) -> SimpleNamespace:
     # data
     seed_everything(config["seed"])
     trainer_ref: list = []
-    train_loader, val_loader, data_state = make_loaders(config, device, lambda: epoch_progress(trainer_ref[0]))
+    train_loader, val_loader, data_state = make_loaders(config, device, lambda: epoch_progress(trainer_ref[0]),
+                                                        rank=rank, world=world)
 
     # model and optimizer
     model = (FastNet(config["width"]) if config["model"] == "fast" else SeedNet()).to(device)
-    optimizer = make_optimizer(config, model)
+    if config["channels_last"]:
+        model.to(memory_format=torch.channels_last)  # before DDP, which fixes its buckets' strides
+    optimizer = idist.auto_optim(make_optimizer(config, model))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
-    run_model = torch.compile(model) if config["compile"] else model
+    train_model = idist.auto_model(model) if world > 1 else model  # DDP: gradients averaged over ranks
+    run_model = torch.compile(train_model) if config["compile"] else train_model
+    eval_model = run_model if world == 1 else model  # no collectives in evaluation: shards may differ in size
 
     # engines
     tensorboard = not config["no_tensorboard"]
@@ -343,13 +370,15 @@ def build(argv: list[str] | None = None) -> SimpleNamespace:
                              grad_norm_every=config["log_every"] if tensorboard else 0,
                              channels_last=config["channels_last"])
     trainer_ref.append(trainer)
-    evaluator = create_evaluator(run_model, {"loss": Loss(nn.CrossEntropyLoss()), "accuracy": Accuracy(),
+    evaluator = create_evaluator(eval_model, {"loss": Loss(nn.CrossEntropyLoss()), "accuracy": Accuracy(),
                                              "samples": SampleCount()},
                                  device=device, amp=config["amp"], channels_last=config["channels_last"])
 
-    # the run folder: one run at a time
-    out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out).acquire()
+    # the run folder: one run at a time; rank 0 writes every file
+    lock = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out).acquire()
 
     # handlers (their order of execution is fixed by stage, not by the order below)
     train_metrics = TrainMetrics().attach(trainer)
@@ -386,9 +415,11 @@ def build(argv: list[str] | None = None) -> SimpleNamespace:
         checkpoint.load_bookkeeping(state, path)
         write_line(f"Resumed from {path} (epoch {trainer.state.epoch}, iteration {trainer.state.iteration})")
         config["resumed_from"] = str(path)
-    write_json_atomic(out / "config.json", {**config, "device": str(device), "output_dir": str(out)})
+    if rank == 0:
+        write_json_atomic(out / "config.json", {**config, "device": str(device), "output_dir": str(out),
+                                                "world_size": world})
     tb = None
-    if tensorboard:
+    if tensorboard and rank == 0:
         tb = TensorBoardLogging(out / "tb", log_every=config["log_every"], lr=lambda: schedule.lr, collector=collector,
                                 model=model, histograms=config["tb_histograms"],
                                 purge_step=trainer.state.iteration + 1 if trainer.state.iteration else None,
@@ -435,11 +466,12 @@ def close(run: SimpleNamespace) -> None:
     run.stop.uninstall()
     if run.tb is not None:
         run.tb.close()
-    run.lock.release()
+    if run.lock is not None:
+        run.lock.release()
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.getLogger("ignite").addHandler(logging.NullHandler())  # errors reach the user as our one line
+def run_one_process(argv: list[str] | None = None) -> int:
+    """This process's share of the run (the whole run without distribution); the exit code."""
     run = build(argv)
     try:
         train(run)
@@ -448,6 +480,67 @@ def main(argv: list[str] | None = None) -> int:
         raise
     return finish(run)
 
+
+def _rank_main(local_rank: int, argv: list[str] | None, codes: list) -> None:
+    codes.append(run_one_process(argv))
+
+
+def _spawned_rank(local_rank: int, argv: list[str] | None) -> None:
+    """A process spawned by ``--nproc-per-node``: errors end it with our exit codes, as a script would."""
+    try:
+        code = run_one_process(argv)
+    except ConfigErrorAlias as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    if code:
+        sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("ignite").addHandler(logging.NullHandler())  # errors reach the user as our one line
+    args = build_parser().parse_args(argv)
+    import ignite.distributed as idist
+    from ignite.utils import setup_logger
+
+    from engine import ConfigError
+
+    for name in ("ignite.distributed.launcher.Parallel", "ignite.distributed.auto.auto_model"):
+        setup_logger(name, level=logging.WARNING)  # our console lines only
+
+    backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun (or another launcher)
+    if args.nproc_per_node and args.nproc_per_node > 1:
+        if launched:
+            raise ConfigError("--nproc-per-node spawns processes itself: do not also launch with torchrun")
+        from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+        try:
+            with idist.Parallel(backend=backend, nproc_per_node=args.nproc_per_node, master_port=free_port()) as p:
+                p.run(_spawned_rank, argv)
+        except ProcessExitedException as exc:
+            return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
+        except ProcessRaisedException as exc:
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "a training process failed"
+            print(f"error: a training process failed: {last}", file=sys.stderr)
+            return 1
+        return 0
+    if launched:
+        codes: list[int] = []
+        with idist.Parallel(backend=backend) as p:  # takes rank and world from the launcher's environment
+            p.run(_rank_main, argv, codes)
+        return codes[0] if codes else 1
+    return run_one_process(argv)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+from engine.errors import ConfigError as ConfigErrorAlias  # noqa: E402  (for spawned processes)
 
 if __name__ == "__main__":
     from engine.errors import CheckpointSaveError, ConfigError

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
@@ -82,7 +83,8 @@ class SafeDiskSaver(DiskSaver):
 
     def remove(self, filename: str) -> None:
         """Called by ``Checkpoint`` before the save: remember, remove after the save succeeded."""
-        self._pending_removals.append(filename)
+        if idist.get_rank() == self.save_on_rank:
+            self._pending_removals.append(filename)
 
 
 class _Meta:
@@ -170,8 +172,9 @@ class TrainingCheckpoint:
             include_self=True,
         )
         other_of_best.checkpoint, other_of_last.checkpoint = self.last, self.best
-        for stale in self.dirname.glob(".tmp-*.pt.part"):  # left by a process killed while saving
-            stale.unlink(missing_ok=True)
+        if idist.get_rank() == 0:
+            for stale in self.dirname.glob(".tmp-*.pt.part"):  # left by a process killed while saving
+                stale.unlink(missing_ok=True)
 
     def attach_every(self, trainer: Engine, iterations: int) -> "TrainingCheckpoint":
         """Also save ``last`` every ``iterations`` iterations (mid-epoch), in the same rotation."""

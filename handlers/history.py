@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 from handlers.ordering import Stage, attach_ordered
@@ -89,7 +90,8 @@ class History:
         self.epochs = [r for r in self.epochs if r["epoch"] < row["epoch"]] + [row]
 
     def write(self, engine: Engine | None = None) -> None:
-        if self.path is not None:
+        """Write history.json (rank 0 only)."""
+        if self.path is not None and idist.get_rank() == 0:
             write_json_atomic(self.path, self.epochs)
 
     def best(self, metric: str = "val_accuracy") -> dict[str, Any] | None:

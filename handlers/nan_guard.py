@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import ignite.distributed as idist
+import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import TerminateOnNan
 
@@ -21,8 +23,16 @@ class NanGuard:
     def __init__(self, log: Callable[[str], None] = print) -> None:
         self.log = log
         self.triggered_at: tuple[int, int] | None = None
-        self._inner = TerminateOnNan(output_transform=lambda o: o["loss"])
+        self._inner = TerminateOnNan(output_transform=self._loss)
         self._inner.logger.setLevel(logging.ERROR)  # our own line replaces its warning
+
+    @staticmethod
+    def _loss(output: dict) -> torch.Tensor:
+        """The batch loss; in a distributed run summed over ranks, so every rank decides alike."""
+        loss = output["loss"]
+        if idist.get_world_size() > 1:
+            loss = idist.all_reduce(loss.detach().clone())
+        return loss
 
     @property
     def triggered(self) -> bool:
@@ -39,7 +49,7 @@ class NanGuard:
     def __call__(self, engine: Engine) -> None:
         self._inner(engine)
         if engine.should_terminate and self.triggered_at is None and engine.state.output is not None:
-            loss = float(engine.state.output["loss"])
+            loss = float(self._loss(engine.state.output))
             if loss != loss or loss in (float("inf"), float("-inf")):
                 self.triggered_at = (engine.state.epoch, engine.state.iteration)
                 self.log(

@@ -6,6 +6,8 @@ import os
 import signal
 from typing import Callable
 
+import ignite.distributed as idist
+import torch
 from ignite.engine import Engine, Events
 
 from handlers.checkpoint import TrainingCheckpoint
@@ -20,6 +22,9 @@ class GracefulStop:
     stopping exits at once: every file already saved stays valid, since saves are atomic renames.
     The handlers are installed when the trainer starts and the previous ones put back when it
     completes (call :meth:`uninstall` yourself if the run can end by an exception).
+
+    In a distributed run the ranks agree after every iteration (one tiny all-reduce) and all stop
+    at the same iteration, whichever of them received the signal; rank 0 writes the checkpoint.
     """
 
     def __init__(
@@ -44,7 +49,15 @@ class GracefulStop:
         trainer.add_event_handler(Events.STARTED, self.install)
         trainer.add_event_handler(Events.TERMINATE, self._save)
         trainer.add_event_handler(Events.COMPLETED, self.uninstall)
+        if idist.get_world_size() > 1:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._agree)
         return self
+
+    def _agree(self, engine: Engine) -> None:
+        flag = idist.all_reduce(torch.tensor([float(self.received or 0)]), op="MAX")
+        if flag.item() > 0 and not engine.should_terminate:
+            self.received = int(flag.item())
+            engine.terminate()
 
     def install(self, engine: Engine | None = None) -> None:
         for sig in self.signals:
@@ -62,13 +75,13 @@ class GracefulStop:
         self.received = signum
         self.log(f"Received {name}: stopping after this iteration and saving a checkpoint "
                  f"(send it again to quit at once)")
-        if self._trainer is not None:
-            self._trainer.terminate()
+        if self._trainer is not None and idist.get_world_size() == 1:
+            self._trainer.terminate()  # distributed: all ranks stop together in _agree
 
     def _save(self, engine: Engine) -> None:
         if self.received is None or self.checkpoint is None:
             return
-        self.checkpoint.save(engine, best=False)
+        self.checkpoint.save(engine, best=False)  # Ignite's Checkpoint writes on rank 0 only
         path = self.checkpoint.last_path
         self.log(f"Saved {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
                  f"continue with --resume auto")

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 def test_stop_signal_saves_mid_epoch_and_resume_is_bit_exact(mnist_root, tmp_path, preset, data_path, workers, sig,
                                                              expected):
     args = [*QUICK, "--epochs", "2", "--data-path", data_path, "--num-workers", str(workers), "--seed", "5",
-            "--preset", preset]
+            "--preset", preset, "--val-every", "2"]  # one validation per run: the test is about training
     straight = tmp_path / "straight"
     assert run_script(*args, "--output-dir", str(straight), mnist=mnist_root).returncode == 0
     stopped = tmp_path / "stopped"

@@ -14,6 +14,9 @@ import torch
 
 from tests.conftest import SCRIPT, run_script
 
+sys.path.insert(0, str(SCRIPT.parent))
+import train_mnist  # noqa: E402
+
 pytestmark = pytest.mark.slow
 TIMING_KEYS = {"epoch_seconds", "samples_per_second"}
 QUICK = ["--limit-train-batches", "30", "--log-every", "10", "--no-progress"]
@@ -85,16 +88,31 @@ def test_missing_data_offline_is_one_line_and_exit_2(tmp_path):
     assert str(tmp_path / "nowhere") in proc.stderr and "MNIST_ROOT" in proc.stderr
 
 
+def test_invalid_flag_is_one_line_and_exit_2(tmp_path, mnist_root):
+    proc = run_script("--epochs", "0", "--output-dir", str(tmp_path / "r"), mnist=mnist_root)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == "error: argument --epochs: must be a positive integer, got 0 (see --help)\n"
+
+
 @pytest.mark.parametrize(
     "flags, needle",
-    [(["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--batch-size", "0"], "--batch-size"),
-     (["--patience", "-1"], "--patience"), (["--scheduler", "linear"], "--scheduler"),
-     (["--device", "tpu"], "device"), (["--lr", "nan"], "--lr")],
+    [(["--lr", "-1"], "--lr"), (["--batch-size", "0"], "--batch-size"), (["--patience", "-1"], "--patience"),
+     (["--scheduler", "linear"], "--scheduler"), (["--lr", "nan"], "--lr"), (["--min-delta", "inf"], "--min-delta"),
+     (["--amp", "fp8"], "--amp"), (["--nproc-per-node", "0"], "--nproc-per-node")],
 )
-def test_invalid_flags_are_one_line_and_exit_2(tmp_path, mnist_root, flags, needle):
-    proc = run_script(*flags, "--output-dir", str(tmp_path / "r"), mnist=mnist_root)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.count("\n") == 1 and needle in proc.stderr
+def test_invalid_flags_are_refused_by_the_parser(capsys, flags, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        train_mnist.build_parser().parse_args(flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and needle in err
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7"])
+def test_unknown_or_absent_device_is_one_line(tmp_path, mnist_root, device):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    proc = run_script("--device", device, "--output-dir", str(tmp_path / "r"), mnist=mnist_root)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "device" in proc.stderr
 
 
 def test_existing_run_dir_without_resume_is_refused(mnist_root, tmp_path):
@@ -108,7 +126,7 @@ def test_existing_run_dir_without_resume_is_refused(mnist_root, tmp_path):
 
 @pytest.mark.parametrize("data_path", ["memory", "torchvision"])
 def test_sigkill_during_an_epoch_then_resume_auto_equals_an_uninterrupted_run(mnist_root, tmp_path, data_path):
-    args = [*QUICK, "--epochs", "3", "--data-path", data_path, "--seed", "3"]
+    args = [*QUICK, "--epochs", "2", "--data-path", data_path, "--seed", "3"]
     straight = tmp_path / "straight"
     assert run_script(*args, "--output-dir", str(straight), mnist=mnist_root).returncode == 0
     killed = tmp_path / "killed"
@@ -125,17 +143,17 @@ def test_sigkill_during_an_epoch_then_resume_auto_equals_an_uninterrupted_run(mn
 
 def test_resume_extends_a_finished_run(mnist_root, tmp_path):
     out = tmp_path / "R"
-    first = run_script("--epochs", "4", "--limit-train-batches", "100", "--output-dir", str(out), "--no-progress",
+    first = run_script("--epochs", "2", "--limit-train-batches", "50", "--output-dir", str(out), "--no-progress",
                        "--patience", "0", mnist=mnist_root)
     assert first.returncode == 0, first.stderr
-    four = history(out)
-    second = run_script("--epochs", "6", "--limit-train-batches", "100", "--output-dir", str(out), "--resume", "auto",
+    two = history(out)
+    second = run_script("--epochs", "3", "--limit-train-batches", "50", "--output-dir", str(out), "--resume", "auto",
                         "--no-progress", "--patience", "0", mnist=mnist_root)
     assert second.returncode == 0, second.stderr
-    six = history(out)
-    assert [r["epoch"] for r in six] == [1, 2, 3, 4, 5, 6] and six[:4] == four
+    three = history(out)
+    assert [r["epoch"] for r in three] == [1, 2, 3] and three[:2] == two
     files = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert [f for f in files if f.startswith("last_")] == ["last_iter=500.pt", "last_iter=600.pt"]
+    assert [f for f in files if f.startswith("last_")] == ["last_iter=100.pt", "last_iter=150.pt"]
     assert len([f for f in files if f.startswith("best_")]) == 2
 
 

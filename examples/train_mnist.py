@@ -487,9 +487,11 @@ def _rank_main(local_rank: int, argv: list[str] | None, codes: list) -> None:
 
 def _spawned_rank(local_rank: int, argv: list[str] | None) -> None:
     """A process spawned by ``--nproc-per-node``: errors end it with our exit codes, as a script would."""
+    from engine import ConfigError
+
     try:
         code = run_one_process(argv)
-    except ConfigErrorAlias as exc:
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = EXIT_USAGE
     if code:
@@ -539,8 +541,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-from engine.errors import ConfigError as ConfigErrorAlias  # noqa: E402  (for spawned processes)
 
 if __name__ == "__main__":
     from engine.errors import CheckpointSaveError, ConfigError

@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a terminal)")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     g.add_argument("--tb-histograms", action="store_true", help="weight and gradient histograms (cost time)")
+    g.add_argument("--tb-images-every", type=non_negative_int, default=0,
+                   help="confusion matrix and misclassified digits every N epochs (0: after the last only)")
     g = p.add_argument_group("engine")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -423,7 +425,8 @@ def build(argv: list[str] | None = None) -> SimpleNamespace:
         tb = TensorBoardLogging(out / "tb", log_every=config["log_every"], lr=lambda: schedule.lr, collector=collector,
                                 model=model, histograms=config["tb_histograms"],
                                 purge_step=trainer.state.iteration + 1 if trainer.state.iteration else None,
-                                denormalize=lambda x: x * MNIST_STD + MNIST_MEAN, history=history).attach(trainer)
+                                denormalize=lambda x: x * MNIST_STD + MNIST_MEAN, history=history,
+                                images_every=config["tb_images_every"]).attach(trainer)
     return SimpleNamespace(config=config, out=out, trainer=trainer, train_loader=train_loader, history=history,
                            checkpoint=checkpoint, nan_guard=nan_guard, stop=stop, tb=tb, lock=lock, started=started)
 

@@ -5,7 +5,8 @@ Tags, grouped so TensorBoard's cards read well:
 - step = iteration: ``loss/train_step`` (batch loss), ``lr``, ``grad_norm``, every ``log_every`` iterations;
 - step = epoch: ``loss/train``, ``loss/val``, ``accuracy/train``, ``accuracy/val``,
   ``time/epoch_seconds``, ``time/samples_per_second``;
-- images after each validation: ``val/confusion_matrix``, ``val/misclassified``;
+- images after the last validation of the run (and every ``images_every`` epochs if set; drawing
+  and encoding them costs about 45 ms): ``val/confusion_matrix``, ``val/misclassified``;
 - once the run ends: hparams (the resolved config) with ``hparam/best_val_accuracy`` and
   ``hparam/final_val_accuracy``, in the ``hparams`` sub-run.
 
@@ -85,6 +86,7 @@ class TensorBoardLogging:
         model: for weight and gradient histograms when ``histograms`` (they cost time).
         purge_step: on resume, the first iteration to keep from the new run (checkpoint iteration + 1).
         history: the run's :class:`History`, whose row for the epoch gives time and throughput.
+        images_every: also write the images after validations of epochs divisible by this (0: last only).
     """
 
     def __init__(
@@ -100,9 +102,12 @@ class TensorBoardLogging:
         flush_secs: int = 2,
         denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
         history: History | None = None,
+        images_every: int = 0,
     ) -> None:
         if not isinstance(log_every, int) or log_every < 0:
             raise ValueError(f"log_every must be an integer >= 0, got {log_every!r}")
+        if not isinstance(images_every, int) or images_every < 0:
+            raise ValueError(f"images_every must be an integer >= 0, got {images_every!r}")
         if histograms and model is None:
             raise ValueError("histograms need the model")
         self.log_dir = Path(log_dir)
@@ -113,6 +118,7 @@ class TensorBoardLogging:
         self.histograms = histograms
         self.denormalize = denormalize
         self.history = history
+        self.images_every = images_every
         self.logger = TensorboardLogger(log_dir=str(self.log_dir), purge_step=purge_step, flush_secs=flush_secs)
         self.writer = self.logger.writer
 
@@ -142,7 +148,7 @@ class TensorBoardLogging:
             value = metrics.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(tag, float(value), epoch)
-        if "val_accuracy" in engine.state.metrics and self.collector is not None:
+        if "val_accuracy" in engine.state.metrics and self.collector is not None and self._images_due(engine):
             self.writer.add_image("val/confusion_matrix", confusion_matrix_image(self.collector.confusion), epoch)
             if self.collector.images:
                 images = torch.stack(self.collector.images)
@@ -151,6 +157,11 @@ class TensorBoardLogging:
                 grid = labelled_grid(images, [f"p{p} t{t}" for p, t in self.collector.labels])
                 self.writer.add_image("val/misclassified", grid, epoch)
         self.writer.flush()
+
+    def _images_due(self, engine: Engine) -> bool:
+        epoch = engine.state.epoch
+        last = epoch == engine.state.max_epochs or engine.should_terminate  # early stop or a stop signal
+        return last or bool(self.images_every and epoch % self.images_every == 0)
 
     def log_hparams(self, config: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """The resolved config and final figures, for the HParams tab (sub-run ``hparams``)."""

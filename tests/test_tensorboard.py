@@ -51,11 +51,19 @@ def test_every_scalar_tag_once_per_step(run_dir):
     assert [e.value for e in acc.Scalars("accuracy/val")] == pytest.approx([r["val_accuracy"] for r in history])
 
 
-def test_images_after_each_validation(run_dir):
+def test_images_after_the_last_validation(run_dir):
     acc = accumulate(run_dir / "tb")
     for tag in ("val/confusion_matrix", "val/misclassified"):
         events = acc.Images(tag)
-        assert [e.step for e in events] == [1, 2] and events[-1].width > 100 and events[-1].height > 50
+        assert [e.step for e in events] == [2] and events[-1].width > 100 and events[-1].height > 50
+
+
+def test_images_every_epoch_on_request(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script(*ARGS, "--tb-images-every", "1", "--limit-train-batches", "10", "--output-dir", str(out),
+                      mnist=mnist_root)
+    assert proc.returncode == 0, proc.stderr
+    assert [e.step for e in accumulate(out / "tb").Images("val/confusion_matrix")] == [1, 2]
 
 
 def test_hparams_hold_the_config_and_the_results(run_dir):

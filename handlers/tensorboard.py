@@ -20,10 +20,11 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import ignite.distributed as idist
 import torch
-from ignite.handlers.tensorboard_logger import GradsHistHandler, WeightsHistHandler
 from ignite.engine import Engine, Events
 from ignite.handlers import TensorboardLogger
+from ignite.handlers.tensorboard_logger import GradsHistHandler, WeightsHistHandler
 from torch import nn
 
 from handlers.history import History
@@ -43,7 +44,8 @@ EPOCH_TAGS = {
 
 
 class MisclassifiedCollector:
-    """Keeps the first ``limit`` misclassified samples of each evaluator run, and its confusion counts."""
+    """Keeps the first ``limit`` misclassified samples of each evaluator run, and its confusion counts
+    (summed over processes in a distributed run)."""
 
     def __init__(self, num_classes: int = 10, limit: int = 64) -> None:
         self.num_classes = num_classes
@@ -55,7 +57,13 @@ class MisclassifiedCollector:
     def attach(self, evaluator: Engine) -> "MisclassifiedCollector":
         evaluator.add_event_handler(Events.STARTED, self.reset)
         evaluator.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        evaluator.add_event_handler(Events.COMPLETED, self._reduce)
         return self
+
+    def _reduce(self, engine: Engine) -> None:
+        """In a distributed run, count every rank's shard (the digits shown stay rank 0's)."""
+        if idist.get_world_size() > 1:
+            self.confusion = idist.all_reduce(self.confusion)
 
     def reset(self, engine: Engine | None = None) -> None:
         self.images, self.labels = [], []

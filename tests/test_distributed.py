@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import SCRIPT, run_script
 
@@ -43,6 +44,9 @@ def test_two_processes_under_torchrun_write_once_and_count_every_test_sample(mni
     assert files == [f"best_epoch=1_val_accuracy={rows[0]['val_accuracy']:.4f}.pt", "last_iter=100.pt"]
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("val/confusion_matrix")] == [1]
 
     # The same global batch size and seed in one process: the same samples in each step, and the
     # gradient of the same global batch (DDP averages the two halves). Batch norm normalises each

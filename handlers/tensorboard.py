@@ -5,13 +5,14 @@ Tags, grouped so TensorBoard's cards read well:
 - step = iteration: ``loss/train_step`` (batch loss), ``lr``, ``grad_norm``, every ``log_every`` iterations;
 - step = epoch: ``loss/train``, ``loss/val``, ``accuracy/train``, ``accuracy/val``,
   ``time/epoch_seconds``, ``time/samples_per_second``;
+- everything is in the file when an epoch's logging returns (see :meth:`TensorBoardLogging.flush`);
 - images after the last validation of the run (and every ``images_every`` epochs if set; drawing
   and encoding them costs about 45 ms): ``val/confusion_matrix``, ``val/misclassified``;
 - once the run ends: hparams (the resolved config) with ``hparam/best_val_accuracy`` and
   ``hparam/final_val_accuracy``, in the ``hparams`` sub-run.
 
 On resume, everything logged after the checkpoint's iteration is purged (``purge_step``), so no
-step appears twice. Events are flushed every ``flush_secs`` seconds and at each epoch end.
+step appears twice. Events are flushed every ``flush_secs`` seconds and, completely, at each epoch end.
 """
 
 from __future__ import annotations
@@ -164,7 +165,26 @@ class TensorBoardLogging:
                     images = self.denormalize(images)
                 grid = labelled_grid(images, [f"p{p} t{t}" for p, t in self.collector.labels])
                 self.writer.add_image("val/misclassified", grid, epoch)
-        self.writer.flush()
+        self.flush()
+
+    def flush(self) -> None:
+        """Get every event queued so far into the file now.
+
+        tensorboardX queues events for a writer thread, and its ``flush()`` flushes only what that
+        thread has already written: a run killed right after would lose the rest. So the thread is
+        stopped (it writes the whole queue first, in order), the file flushed, and a new thread
+        started on the same file.
+        """
+        file_writer = self.writer._get_file_writer()
+        events = getattr(file_writer, "event_writer", None)
+        worker = getattr(events, "_worker", None)
+        if worker is None or not hasattr(worker, "stop") or events._closed:
+            self.writer.flush()  # another tensorboardX: its own flush is the best there is
+            return
+        worker.stop()
+        events._ev_writer.flush()
+        events._worker = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
+        events._worker.start()
 
     def _images_due(self, engine: Engine) -> bool:
         epoch = engine.state.epoch

@@ -146,3 +146,21 @@ def test_piped_output_has_no_progress_noise_and_all_seed_lines(mnist_root, tmp_p
     assert lines[0].startswith("Epoch 1, Batch 50, Train Loss: ") and lines[1].startswith("Epoch 1, Batch 100, ")
     assert lines[2].startswith("Epoch 1, Train Loss: ") and lines[3].startswith("Epoch 1, Val Loss: ")
     assert any(line.startswith("TensorBoard: tensorboard --logdir ") for line in lines)
+
+
+def test_an_epochs_scalars_are_in_the_file_when_its_logging_returns(tmp_path):
+    from ignite.engine import Engine
+
+    from handlers import TensorBoardLogging
+
+    trainer = Engine(lambda e, b: None)
+    tb = TensorBoardLogging(tmp_path / "tb", log_every=0, flush_secs=120)
+    try:
+        for epoch in (1, 2, 3):
+            trainer.state.epoch = epoch
+            trainer.state.metrics = {"val_accuracy": 0.9 + epoch / 100, "train_loss": 1.0 / epoch}
+            tb.log_epoch(trainer)
+            acc = accumulate(tmp_path / "tb")  # the writer is still open, its thread still running
+            assert [e.step for e in acc.Scalars("accuracy/val")] == list(range(1, epoch + 1))
+    finally:
+        tb.close()

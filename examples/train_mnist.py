@@ -317,11 +317,9 @@ def build(argv: list[str] | None = None) -> SimpleNamespace:
     args = build_parser().parse_args(argv)
     config = resolve_config(args)
 
-    from ignite.metrics import Accuracy, Loss
-
     import ignite.distributed as idist
 
-    from engine import ConfigError, RunLock, create_evaluator, create_trainer, resolve_device
+    from engine import ConfigError, RunLock, create_evaluator, create_trainer, default_metrics, resolve_device
     from handlers import (
         ConsoleLogger, EarlyStopping, GracefulStop, History, LRSchedule, MisclassifiedCollector, NanGuard, Progress,
         RNGState, SampleCount, TensorBoardLogging, TrainingCheckpoint, TrainMetrics, Validation,
@@ -356,7 +354,7 @@ def build(argv: list[str] | None = None) -> SimpleNamespace:
                                                         rank=rank, world=world)
 
     # model and optimizer
-    model = (FastNet(config["width"]) if config["model"] == "fast" else SeedNet()).to(device)
+    model = (FastNet(config["width"] or 16) if config["model"] == "fast" else SeedNet()).to(device)
     if config["channels_last"]:
         model.to(memory_format=torch.channels_last)  # before DDP, which fixes its buckets' strides
     optimizer = idist.auto_optim(make_optimizer(config, model))
@@ -372,8 +370,7 @@ def build(argv: list[str] | None = None) -> SimpleNamespace:
                              grad_norm_every=config["log_every"] if tensorboard else 0,
                              channels_last=config["channels_last"])
     trainer_ref.append(trainer)
-    evaluator = create_evaluator(eval_model, {"loss": Loss(nn.CrossEntropyLoss()), "accuracy": Accuracy(),
-                                             "samples": SampleCount()},
+    evaluator = create_evaluator(eval_model, {**default_metrics(nn.CrossEntropyLoss()), "samples": SampleCount()},
                                  device=device, amp=config["amp"], channels_last=config["channels_last"])
 
     # the run folder: one run at a time; rank 0 writes every file

@@ -1,27 +1,49 @@
-"""The training engine: Ignite ``Engine`` factories for training and evaluation, and fast data paths."""
+"""The training engine: Ignite ``Engine`` factories for training and evaluation, fast data paths,
+the run settings, and the errors and exit codes of a run."""
 
 from engine.amp import autocast_context, make_grad_scaler
 from engine.data import InMemoryLoader
+from engine.datasets import check_classification_data, load_dataset
 from engine.device import move_batch, resolve_device
-from engine.errors import CheckpointError, CheckpointSaveError, ConfigError
+from engine.errors import (
+    EXIT_NAN,
+    EXIT_OK,
+    EXIT_SAVE,
+    EXIT_USAGE,
+    CheckpointError,
+    CheckpointSaveError,
+    ConfigError,
+    flag_names,
+    param,
+)
 from engine.run_lock import RunLock
 from engine.sampler import ResumableRandomSampler
+from engine.settings import RunSettings
 from engine.evaluator import create_evaluator, default_metrics
 from engine.trainer import TrainStep, create_trainer
 
 __all__ = [
+    "EXIT_NAN",
+    "EXIT_OK",
+    "EXIT_SAVE",
+    "EXIT_USAGE",
     "CheckpointError",
     "CheckpointSaveError",
     "ConfigError",
     "InMemoryLoader",
     "ResumableRandomSampler",
     "RunLock",
+    "RunSettings",
     "TrainStep",
     "autocast_context",
+    "check_classification_data",
     "create_evaluator",
     "create_trainer",
     "default_metrics",
+    "flag_names",
+    "load_dataset",
     "make_grad_scaler",
     "move_batch",
+    "param",
     "resolve_device",
 ]

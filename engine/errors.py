@@ -1,12 +1,51 @@
-"""Errors that mean "the user asked for something that cannot work", printed as one line."""
+"""Errors that mean "the user asked for something that cannot work", printed as one line; exit codes."""
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CheckpointSaveError", "ConfigError"]
+import contextlib
+from typing import Any, Iterator, Mapping
+
+__all__ = [
+    "EXIT_NAN",
+    "EXIT_OK",
+    "EXIT_SAVE",
+    "EXIT_USAGE",
+    "CheckpointError",
+    "CheckpointSaveError",
+    "ConfigError",
+    "flag_names",
+    "param",
+]
+
+EXIT_OK, EXIT_SAVE, EXIT_USAGE, EXIT_NAN = 0, 1, 2, 3  # and 128 + signal (130, 143) for a stop signal
+
+
+_flags: dict[str, str] = {}  # setting -> command-line flag, while a command-line layer runs
+
+
+def param(name: str, value: Any = None) -> str:
+    """How a message names the setting ``name`` (with ``value``): ``warmup_epochs``, ``resume='auto'``;
+    under :func:`flag_names`, the flag instead: ``--warmup-epochs``, ``--resume auto``."""
+    flag = _flags.get(name)
+    if flag is None:
+        return name if value is None else f"{name}={value!r}"
+    return flag if value is None else f"{flag} {value}"
+
+
+@contextlib.contextmanager
+def flag_names(flags: Mapping[str, str]) -> Iterator[None]:
+    """Within this block, messages name settings by their command-line flags (see :func:`param`)."""
+    saved = dict(_flags)
+    _flags.update(flags)
+    try:
+        yield
+    finally:
+        _flags.clear()
+        _flags.update(saved)
 
 
 class ConfigError(ValueError):
-    """A setting, flag or input that cannot work; the message says what to do instead."""
+    """A setting or input that cannot work; the message says what to do instead (see :func:`param`)."""
 
 
 class CheckpointError(ConfigError):

@@ -6,7 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, param
 
 __all__ = ["RunLock"]
 
@@ -31,7 +31,7 @@ class RunLock:
             os.close(fd)
             raise ConfigError(
                 f"output dir {self.path.parent} is in use by another run (pid {holder}): wait for it to end, "
-                f"or choose another --output-dir"
+                f"or choose another {param('output_dir')}"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

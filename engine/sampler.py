@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
+from ignite.engine import Engine
 from torch.utils.data import Sampler
 
 from engine.errors import ConfigError
@@ -16,8 +17,9 @@ class ResumableRandomSampler(Sampler[int]):
     """Random order from its own ``torch.Generator`` (not the global RNG), at most ``max_samples`` per
     epoch, and a ``state_dict()`` that lets a resumed run hand out the same remaining indices.
 
-    ``progress`` tells the sampler how many samples of the current epoch the *trainer* has consumed
-    (``None`` at an epoch boundary): a ``DataLoader`` prefetches, so the sampler itself cannot know.
+    A ``DataLoader`` prefetches, so the sampler itself cannot know how many of its indices the
+    *trainer* has consumed: :meth:`attach` it to the trainer (with the loader's batch size), and its
+    ``state_dict()`` records the trainer's place in the epoch.
 
     In a distributed run every rank draws the same permutation, cut to a multiple of
     ``world_size``, and takes ``perm[rank::world_size]``: equal, disjoint shards.
@@ -26,7 +28,6 @@ class ResumableRandomSampler(Sampler[int]):
         num_samples: size of the data set.
         seed: seed of the order.
         max_samples: cap per epoch on this rank (``None``: all), e.g. ``limit_batches * batch_size``.
-        progress: callable giving the trainer's position, used by ``state_dict``.
         rank, world_size: this process's shard.
     """
 
@@ -35,7 +36,6 @@ class ResumableRandomSampler(Sampler[int]):
         num_samples: int,
         seed: int = 0,
         max_samples: int | None = None,
-        progress: Callable[[], int | None] | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -51,7 +51,8 @@ class ResumableRandomSampler(Sampler[int]):
         self.rank = rank
         self.world_size = world_size
         self.max_samples = max_samples
-        self.progress = progress
+        self._trainer: Engine | None = None
+        self._batch_size = 1
         self.generator = torch.Generator().manual_seed(seed)
         self._epoch_rng: torch.Tensor | None = None
         self._order: torch.Tensor | None = None
@@ -75,8 +76,24 @@ class ResumableRandomSampler(Sampler[int]):
         self._order, self._offset = order, None
         return iter(order[start:].tolist())
 
+    def attach(self, trainer: Engine, batch_size: int) -> "ResumableRandomSampler":
+        """Follow ``trainer``, whose batches hold ``batch_size`` of this sampler's indices."""
+        if not isinstance(trainer, Engine):
+            raise TypeError(f"trainer must be an ignite Engine, got {type(trainer).__name__}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self._trainer, self._batch_size = trainer, batch_size
+        return self
+
+    def _position(self) -> int | None:
+        """Samples of the current epoch the trainer has consumed; ``None`` at an epoch boundary."""
+        state = self._trainer.state if self._trainer is not None else None
+        if state is None or not state.epoch_length or state.iteration % state.epoch_length == 0:
+            return None
+        return (state.iteration - (state.epoch - 1) * state.epoch_length) * self._batch_size
+
     def state_dict(self) -> dict[str, Any]:
-        position = self.progress() if self.progress is not None else None
+        position = self._position()
         return {
             "epoch_rng": (self._epoch_rng if self._epoch_rng is not None else self.generator.get_state()).clone(),
             "rng": self.generator.get_state().clone(),

@@ -1,4 +1,5 @@
-"""Handlers that attach to the trainer and evaluator engines: everything beyond the minimal loop."""
+"""Handlers that attach to the trainer and evaluator engines (everything beyond the minimal loop),
+and the run that attaches them all: :func:`fit`, :func:`attach_run`, and the command line (``handlers.cli``)."""
 
 from handlers.checkpoint import (
     SafeDiskSaver,
@@ -11,7 +12,7 @@ from handlers.checkpoint import (
 from handlers.console import ConsoleLogger, write_line
 from handlers.early_stopping import EarlyStopping
 from handlers.history import History, write_json_atomic
-from handlers.lr_schedule import SCHEDULERS, LRSchedule
+from handlers.lr_schedule import LRSchedule
 from handlers.metrics import SampleCount, TrainMetrics
 from handlers.nan_guard import NanGuard
 from handlers.progress import Progress, progress_wanted
@@ -20,9 +21,10 @@ from handlers.ordering import Stage, attach_ordered, ordered_handlers
 from handlers.signals import GracefulStop
 from handlers.rng import RNGState, seed_everything
 from handlers.validation import Validation
+from handlers.run import Run, RunResult, attach_run
+from handlers.fit import fit, make_loaders, make_optimizer
 
 __all__ = [
-    "SCHEDULERS",
     "ConsoleLogger",
     "EarlyStopping",
     "GracefulStop",
@@ -32,6 +34,8 @@ __all__ = [
     "NanGuard",
     "Progress",
     "RNGState",
+    "Run",
+    "RunResult",
     "SafeDiskSaver",
     "SampleCount",
     "Stage",
@@ -40,9 +44,13 @@ __all__ = [
     "TrainingCheckpoint",
     "Validation",
     "attach_ordered",
+    "attach_run",
+    "fit",
     "find_resume_checkpoint",
     "last_checkpoints",
     "load_checkpoint",
+    "make_loaders",
+    "make_optimizer",
     "ordered_handlers",
     "progress_wanted",
     "restore",

@@ -22,6 +22,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
 from engine.errors import CheckpointError, CheckpointSaveError
+from handlers.adapters import checkpoint_items, set_checkpoint_items
 from handlers.ordering import Stage, attach_ordered
 
 __all__ = [
@@ -99,7 +100,7 @@ class _Bookkeeping:
         self.checkpoint: Checkpoint | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        saved = self.checkpoint._saved if self.checkpoint is not None else []
+        saved = checkpoint_items(self.checkpoint) if self.checkpoint is not None else []
         return {"saved": [(p, f) for p, f in saved]}
 
 
@@ -118,11 +119,14 @@ def _all_finite(model: nn.Module) -> bool:
 
 class TrainingCheckpoint:
     """Saves ``to_save`` into ``dirname``: ``best_epoch=E_<metric>=S.pt`` (the ``n_saved`` best by
-    ``metric``) and ``last_iter=I.pt`` (the ``n_last`` latest), at each epoch end (Stage.CHECKPOINT).
+    ``metric``) and ``last_iter=I.pt`` (the ``n_last`` latest), at each epoch end (Stage.CHECKPOINT)
+    and, with ``every_iters``, every that many iterations in between (for exact mid-epoch resume).
 
     ``to_save`` maps names to objects with ``state_dict``; it must hold ``"model"`` and ``"trainer"``.
     Each file also holds the rotation bookkeeping and a format marker, and loads with
     ``torch.load(path, weights_only=True)``. ``skip_if`` (e.g. a tripped NaN guard) vetoes a save.
+    With ``mode="min"`` the lowest score is best; the score in the file name is then negated
+    (Ignite's convention: the kept files are those of highest priority).
     """
 
     def __init__(
@@ -131,12 +135,18 @@ class TrainingCheckpoint:
         to_save: Mapping[str, Any],
         *,
         metric: str = "val_accuracy",
+        mode: str = "max",
         n_saved: int = 2,
         n_last: int = 2,
+        every_iters: int | None = None,
         skip_if: Callable[[], bool] | None = None,
     ) -> None:
         if not isinstance(n_saved, int) or n_saved < 1 or not isinstance(n_last, int) or n_last < 1:
             raise ValueError(f"n_saved and n_last must be integers >= 1, got {n_saved!r}, {n_last!r}")
+        if every_iters is not None and (not isinstance(every_iters, int) or every_iters < 1):
+            raise ValueError(f"every_iters must be a positive integer or None, got {every_iters!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         for key in ("model", "trainer"):
             if key not in to_save:
                 raise ValueError(f"to_save must hold {key!r}")
@@ -145,17 +155,20 @@ class TrainingCheckpoint:
             raise ValueError(f"to_save may not use the reserved keys {sorted(reserved)}")
         self.dirname = Path(dirname)
         self.metric = metric
+        self.mode = mode
+        self.every_iters = every_iters
         self.model: nn.Module = to_save["model"]
         self.trainer: Engine = to_save["trainer"]
         self.skip_if = skip_if
         self.saver = SafeDiskSaver(self.dirname)
         base = {**to_save, "meta": _Meta()}
         other_of_best, other_of_last = _Bookkeeping(), _Bookkeeping()
+        sign = 1.0 if mode == "max" else -1.0
         self.best = Checkpoint(
             {**base, "other_checkpointer": other_of_best},
             self.saver,
             filename_prefix="best",
-            score_function=lambda engine: float(engine.state.metrics[metric]),
+            score_function=lambda engine: sign * float(engine.state.metrics[metric]),
             score_name=metric,
             n_saved=n_saved,
             global_step_transform=lambda engine, _: engine.state.epoch,
@@ -176,21 +189,16 @@ class TrainingCheckpoint:
             for stale in self.dirname.glob(".tmp-*.pt.part"):  # left by a process killed while saving
                 stale.unlink(missing_ok=True)
 
-    def attach_every(self, trainer: Engine, iterations: int) -> "TrainingCheckpoint":
-        """Also save ``last`` every ``iterations`` iterations (mid-epoch), in the same rotation."""
-        if not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-
-        def save_mid_epoch(engine: Engine) -> None:
-            if engine.state.iteration % engine.state.epoch_length:  # epoch ends save anyway
-                self.save(engine, best=False)
-
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=iterations), save_mid_epoch)
-        return self
-
     def attach(self, trainer: Engine) -> "TrainingCheckpoint":
+        """Save at each epoch end (Stage.CHECKPOINT) and every ``every_iters`` iterations."""
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self, Stage.CHECKPOINT)
+        if self.every_iters:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_iters), self._save_mid_epoch)
         return self
+
+    def _save_mid_epoch(self, engine: Engine) -> None:
+        if engine.state.iteration % engine.state.epoch_length:  # epoch ends save anyway
+            self.save(engine, best=False)
 
     def __call__(self, engine: Engine) -> None:
         self.save(engine, best=True)
@@ -219,12 +227,14 @@ class TrainingCheckpoint:
     @property
     def best_path(self) -> Path | None:
         """The best file kept so far."""
-        return self.dirname / self.best._saved[-1].filename if self.best._saved else None
+        items = checkpoint_items(self.best)
+        return self.dirname / items[-1].filename if items else None
 
     @property
     def last_path(self) -> Path | None:
         """The newest ``last`` file."""
-        return self.dirname / self.last._saved[-1].filename if self.last._saved else None
+        items = checkpoint_items(self.last)
+        return self.dirname / items[-1].filename if items else None
 
     def load_bookkeeping(self, checkpoint: Mapping[str, Any], path: Path) -> None:
         """Restore both rotations from a file written by this class; forget files no longer there."""
@@ -233,9 +243,9 @@ class TrainingCheckpoint:
             return
         mine, theirs = (self.last, self.best) if path.name.startswith("last_") else (self.best, self.last)
         mine.load_state_dict(own)
-        theirs.load_state_dict({"_saved": [(p, f) for p, f in other["saved"]]})
+        set_checkpoint_items(theirs, [(p, f) for p, f in other["saved"]])
         for ckpt in (self.best, self.last):
-            ckpt._saved = [item for item in ckpt._saved if (self.dirname / item.filename).exists()]
+            set_checkpoint_items(ckpt, [i for i in checkpoint_items(ckpt) if (self.dirname / i.filename).exists()])
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
@@ -48,17 +48,21 @@ class ConsoleLogger:
 
     def batch_line(self, engine: Engine) -> None:
         batch = (engine.state.iteration - 1) % engine.state.epoch_length + 1
-        m = self.train_metrics.running()
-        p = self.train_metrics.prefix
-        self.write(
-            f"Epoch {engine.state.epoch}, Batch {batch}, "
-            f"Train Loss: {m[p + 'loss']:.4f}, Train Accuracy: {m[p + 'accuracy'] * 100:.2f}%"
-        )
+        figures = _figures(self.train_metrics.running(), self.train_metrics.prefix, "Train")
+        self.write(f"Epoch {engine.state.epoch}, Batch {batch}, {figures}")
 
     def epoch_lines(self, engine: Engine) -> None:
         m, e = engine.state.metrics, engine.state.epoch
         p = self.train_metrics.prefix
         if p + "loss" in m:
-            self.write(f"Epoch {e}, Train Loss: {m[p + 'loss']:.4f}, Train Accuracy: {m[p + 'accuracy'] * 100:.2f}%")
+            self.write(f"Epoch {e}, {_figures(m, p, 'Train')}")
         if "val_loss" in m:
-            self.write(f"Epoch {e}, Val Loss: {m['val_loss']:.4f}, Val Accuracy: {m['val_accuracy'] * 100:.2f}%")
+            self.write(f"Epoch {e}, {_figures(m, 'val_', 'Val')}")
+
+
+def _figures(metrics: Mapping[str, Any], prefix: str, label: str) -> str:
+    """``Train Loss: 0.1234, Train Accuracy: 95.00%`` (accuracy only where there is one)."""
+    text = f"{label} Loss: {float(metrics[prefix + 'loss']):.4f}"
+    if prefix + "accuracy" in metrics:
+        text += f", {label} Accuracy: {float(metrics[prefix + 'accuracy']) * 100:.2f}%"
+    return text

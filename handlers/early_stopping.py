@@ -23,18 +23,16 @@ class EarlyStopping:
     """Stop ``trainer`` when ``metric`` has not improved by more than ``min_delta`` for ``patience`` checks.
 
     Args:
-        trainer: the engine to stop.
         patience: checks without improvement before stopping; ``0`` switches it off.
         min_delta: smallest change that counts as an improvement (absolute).
         warmup: epochs at the start that are not judged at all.
-        metric: key in ``trainer.state.metrics``.
+        metric: key in ``trainer.state.metrics`` (epochs without it, e.g. without validation, are not judged).
         mode: ``"max"`` (accuracy) or ``"min"`` (loss).
         log: where the one-line reason goes.
     """
 
     def __init__(
         self,
-        trainer: Engine,
         patience: int = 3,
         min_delta: float = 0.0,
         warmup: int = 0,
@@ -50,7 +48,6 @@ class EarlyStopping:
             raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        self.trainer = trainer
         self.patience = patience
         self.min_delta = float(min_delta)
         self.warmup = warmup
@@ -58,8 +55,10 @@ class EarlyStopping:
         self.mode = mode
         self.log = log
         self.stopped_epoch: int | None = None
+        # Ignite's handler wants the trainer when built; ours gets it in attach(): a stand-in until then.
         self._inner = _IgniteEarlyStopping(
-            patience=max(patience, 1), score_function=self.score, trainer=trainer, threshold=self.min_delta, mode=mode
+            patience=max(patience, 1), score_function=self.score, trainer=Engine(lambda e, b: None),
+            threshold=self.min_delta, mode=mode,
         )
 
     @property
@@ -81,9 +80,11 @@ class EarlyStopping:
             return value
         return -math.inf if self.mode == "max" else math.inf
 
-    def attach(self, trainer: Engine | None = None) -> "EarlyStopping":
-        """Judge at each epoch end (Stage.DECISION); forget old runs when a fresh run starts."""
-        trainer = trainer or self.trainer
+    def attach(self, trainer: Engine) -> "EarlyStopping":
+        """Judge at each epoch end (Stage.DECISION) and stop ``trainer``; forget old runs when a fresh run starts."""
+        if not isinstance(trainer, Engine):
+            raise TypeError(f"trainer must be an ignite Engine, got {type(trainer).__name__}")
+        self._inner.trainer = trainer
         trainer.add_event_handler(Events.STARTED, self._maybe_reset)
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self, Stage.DECISION)
         return self

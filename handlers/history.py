@@ -94,10 +94,13 @@ class History:
         if self.path is not None and idist.get_rank() == 0:
             write_json_atomic(self.path, self.epochs)
 
-    def best(self, metric: str = "val_accuracy") -> dict[str, Any] | None:
-        """The epoch with the highest finite ``metric``."""
+    def best(self, metric: str = "val_accuracy", mode: str = "max") -> dict[str, Any] | None:
+        """The epoch with the best finite ``metric``: highest with ``mode="max"``, lowest with ``"min"``."""
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         rows = [r for r in self.epochs if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
-        return max(rows, key=lambda r: r[metric]) if rows else None
+        pick = max if mode == "max" else min
+        return pick(rows, key=lambda r: r[metric]) if rows else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": [dict(r) for r in self.epochs]}

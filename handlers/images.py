@@ -36,10 +36,12 @@ def confusion_matrix_image(counts: torch.Tensor, cell: int = 36) -> torch.Tensor
 
 
 def labelled_grid(images: torch.Tensor, labels: list[str], columns: int = 8, scale: int = 2) -> torch.Tensor:
-    """A (3, H, W) uint8 grid of (N, 1, h, w) images in [0, 1], each with its label underneath."""
+    """A (3, H, W) uint8 grid of (N, C, h, w) images in [0, 1] (C = 1: grey, 3: colour), each labelled underneath."""
     if images.shape[0] != len(labels):
         raise ValueError(f"{images.shape[0]} images but {len(labels)} labels")
-    n, _, h, w = images.shape
+    n, channels, h, w = images.shape
+    if channels not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got {channels}")
     h, w = h * scale, w * scale
     label_h = 12
     rows = max(1, -(-n // columns))
@@ -49,7 +51,8 @@ def labelled_grid(images: torch.Tensor, labels: list[str], columns: int = 8, sca
     for k in range(n):
         r, c = divmod(k, columns)
         x0, y0 = c * (w + 4) + 2, r * (h + label_h + 4) + 2
-        digit = Image.fromarray(pixels[k, 0]).resize((w, h), Image.NEAREST).convert("RGB")
+        plane = pixels[k, 0] if channels == 1 else pixels[k].transpose(1, 2, 0)
+        digit = Image.fromarray(plane).resize((w, h), Image.NEAREST).convert("RGB")
         sheet.paste(digit, (x0, y0))
         draw.text((x0, y0 + h), labels[k], fill="red")
     return torch.from_numpy(np.asarray(sheet).copy()).permute(2, 0, 1)

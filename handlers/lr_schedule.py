@@ -13,11 +13,12 @@ from ignite.handlers import (
     create_lr_scheduler_with_warmup,
 )
 
+from engine.errors import ConfigError, param
+from engine.settings import SCHEDULERS
 from handlers.ordering import Stage, attach_ordered
 
 __all__ = ["SCHEDULERS", "LRSchedule"]
 
-SCHEDULERS = ("none", "step", "cosine", "onecycle", "plateau")
 _PLATEAU_KEYS = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch")
 
 
@@ -131,9 +132,9 @@ class LRSchedule:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("name") != self.name:
-            raise ValueError(
-                f"the checkpoint was made with --scheduler {state.get('name')}, not {self.name}: "
-                f"resume with --scheduler {state.get('name')}"
+            raise ConfigError(
+                f"the checkpoint was made with {param('scheduler', state.get('name'))}, not {self.name}: "
+                f"resume with {param('scheduler', state.get('name'))}"
             )
         if self.per_iteration is not None:
             self.per_iteration.load_state_dict(state["per_iteration"])

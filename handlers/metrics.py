@@ -38,21 +38,21 @@ class SampleCount(Metric):
 
 
 class TrainMetrics:
-    """``train_loss`` and ``train_accuracy`` of the epoch, per-sample means, in ``trainer.state.metrics``.
+    """``train_loss`` (and, with ``accuracy``, ``train_accuracy``) of the epoch, per-sample means, in
+    ``trainer.state.metrics``.
 
     Ignite's ``Loss`` (fed the loss the step already computed, times the batch size) and ``Accuracy``
     (fed the step's detached logits) accumulate on the device during the epoch; nothing is synced
     per batch. :meth:`running` gives the means so far, for per-batch lines.
     """
 
-    def __init__(self, prefix: str = "train_") -> None:
+    def __init__(self, prefix: str = "train_", accuracy: bool = True) -> None:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         self.prefix = prefix
-        self.metrics: dict[str, Metric] = {
-            "loss": Loss(_step_loss, output_transform=lambda o: (o["loss"], o["y"])),
-            "accuracy": Accuracy(output_transform=lambda o: (o["y_pred"], o["y"])),
-        }
+        self.metrics: dict[str, Metric] = {"loss": Loss(_step_loss, output_transform=lambda o: (o["loss"], o["y"]))}
+        if accuracy:  # classification only: the step's logits against class labels
+            self.metrics["accuracy"] = Accuracy(output_transform=lambda o: (o["y_pred"], o["y"]))
         self._pending: dict[str, Any] | None = None
         self._trainer: Engine | None = None
 

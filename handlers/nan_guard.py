@@ -10,6 +10,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import TerminateOnNan
 
+from engine.errors import param
+
 __all__ = ["NanGuard"]
 
 
@@ -55,5 +57,5 @@ class NanGuard:
                 self.log(
                     f"Stopped: the training loss became {loss} at epoch {engine.state.epoch}, "
                     f"iteration {engine.state.iteration}; no checkpoint was written from this state "
-                    f"(try a lower --lr, or --clip-grad-norm)"
+                    f"(try a lower {param('lr')}, or {param('clip_grad_norm')})"
                 )

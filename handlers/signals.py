@@ -10,6 +10,8 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from engine.errors import param
+from handlers.adapters import exception_handler_count
 from handlers.checkpoint import TrainingCheckpoint
 
 __all__ = ["GracefulStop"]
@@ -20,8 +22,9 @@ class GracefulStop:
 
     ``exit_code`` is then ``128 + signal`` (130 for SIGINT, 143 for SIGTERM). A second signal while
     stopping exits at once: every file already saved stays valid, since saves are atomic renames.
-    The handlers are installed when the trainer starts and the previous ones put back when it
-    completes (call :meth:`uninstall` yourself if the run can end by an exception).
+    The handlers are installed when the trainer starts and the previous ones put back when the run
+    ends, however it ends: completed, terminated or by an exception (which still
+    propagates to the caller of ``trainer.run``).
 
     In a distributed run the ranks agree after every iteration (one tiny all-reduce) and all stop
     at the same iteration, whichever of them received the signal; rank 0 writes the checkpoint.
@@ -49,6 +52,7 @@ class GracefulStop:
         trainer.add_event_handler(Events.STARTED, self.install)
         trainer.add_event_handler(Events.TERMINATE, self._save)
         trainer.add_event_handler(Events.COMPLETED, self.uninstall)
+        trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
         if idist.get_world_size() > 1:
             trainer.add_event_handler(Events.ITERATION_COMPLETED, self._agree)
         return self
@@ -59,7 +63,14 @@ class GracefulStop:
             self.received = int(flag.item())
             engine.terminate()
 
+    def _on_exception(self, engine: Engine, exc: BaseException) -> None:
+        self.uninstall()
+        if exception_handler_count(engine) == 1:  # ours alone: Ignite would have raised it, so do that
+            raise exc
+
     def install(self, engine: Engine | None = None) -> None:
+        if self._previous:
+            return
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -84,4 +95,4 @@ class GracefulStop:
         self.checkpoint.save(engine, best=False)  # Ignite's Checkpoint writes on rank 0 only
         path = self.checkpoint.last_path
         self.log(f"Saved {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
-                 f"continue with --resume auto")
+                 f"continue with {param('resume', 'auto')}")

@@ -28,6 +28,7 @@ from ignite.handlers import TensorboardLogger
 from ignite.handlers.tensorboard_logger import GradsHistHandler, WeightsHistHandler
 from torch import nn
 
+from handlers.adapters import flush_tensorboardx
 from handlers.history import History
 from handlers.images import confusion_matrix_image, labelled_grid
 from handlers.ordering import Stage, attach_ordered
@@ -43,17 +44,23 @@ EPOCH_TAGS = {
     "samples_per_second": "time/samples_per_second",
 }
 
+_ROW_KEYS = {"epoch", "iteration", "lr"}
+
 
 class MisclassifiedCollector:
     """Keeps the first ``limit`` misclassified samples of each evaluator run, and its confusion counts
-    (summed over processes in a distributed run)."""
+    (summed over processes in a distributed run). ``num_classes``: default, the width of the logits."""
 
-    def __init__(self, num_classes: int = 10, limit: int = 64) -> None:
+    def __init__(self, num_classes: int | None = None, limit: int = 64) -> None:
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}")
+        if not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
         self.num_classes = num_classes
         self.limit = limit
         self.images: list[torch.Tensor] = []
         self.labels: list[tuple[int, int]] = []
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        self.confusion = torch.zeros(num_classes or 0, num_classes or 0, dtype=torch.long)
 
     def attach(self, evaluator: Engine) -> "MisclassifiedCollector":
         evaluator.add_event_handler(Events.STARTED, self.reset)
@@ -63,7 +70,7 @@ class MisclassifiedCollector:
 
     def _reduce(self, engine: Engine) -> None:
         """In a distributed run, count every rank's shard (the digits shown stay rank 0's)."""
-        if idist.get_world_size() > 1:
+        if idist.get_world_size() > 1 and self.confusion.numel():
             self.confusion = idist.all_reduce(self.confusion)
 
     def reset(self, engine: Engine | None = None) -> None:
@@ -72,6 +79,9 @@ class MisclassifiedCollector:
 
     def update(self, engine: Engine) -> None:
         y_pred, y = engine.state.output
+        if self.num_classes is None or self.confusion.shape[0] == 0:
+            self.num_classes = self.num_classes or y_pred.shape[1]
+            self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
         pred = y_pred.argmax(1)
         index = (y * self.num_classes + pred).cpu()
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
@@ -91,7 +101,8 @@ class TensorBoardLogging:
         log_dir: the run's ``tb/`` folder.
         log_every: iterations between per-iteration scalars (0: none).
         lr: callable giving the current learning rate.
-        collector: a :class:`MisclassifiedCollector` attached to the evaluator (images), or ``None``.
+        images: classification only: the confusion matrix and misclassified samples of the validations
+            (a :class:`MisclassifiedCollector` on the evaluator given to :meth:`attach`).
         model: for weight and gradient histograms when ``histograms`` (they cost time).
         purge_step: on resume, the first iteration to keep from the new run (checkpoint iteration + 1).
         history: the run's :class:`History`, whose row for the epoch gives time and throughput.
@@ -104,7 +115,7 @@ class TensorBoardLogging:
         *,
         log_every: int = 50,
         lr: Callable[[], float] | None = None,
-        collector: MisclassifiedCollector | None = None,
+        images: bool = True,
         model: nn.Module | None = None,
         histograms: bool = False,
         purge_step: int | None = None,
@@ -122,7 +133,7 @@ class TensorBoardLogging:
         self.log_dir = Path(log_dir)
         self.log_every = log_every
         self.lr = lr
-        self.collector = collector
+        self.collector = MisclassifiedCollector() if images else None
         self.model = model
         self.histograms = histograms
         self.denormalize = denormalize
@@ -131,7 +142,12 @@ class TensorBoardLogging:
         self.logger = TensorboardLogger(log_dir=str(self.log_dir), purge_step=purge_step, flush_secs=flush_secs)
         self.writer = self.logger.writer
 
-    def attach(self, trainer: Engine) -> "TensorBoardLogging":
+    def attach(self, trainer: Engine, evaluator: Engine | None = None) -> "TensorBoardLogging":
+        """Log the trainer's figures; with ``evaluator`` (and ``images``), its confusion matrix and errors."""
+        if self.collector is not None and evaluator is not None:
+            self.collector.attach(evaluator)
+        else:
+            self.collector = None
         if self.log_every:
             trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self.log_iteration)
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self.log_epoch, Stage.LOGGING)
@@ -153,11 +169,12 @@ class TensorBoardLogging:
         epoch, metrics = engine.state.epoch, dict(engine.state.metrics)
         if self.history is not None and self.history.epochs and self.history.epochs[-1]["epoch"] == epoch:
             metrics.update(self.history.epochs[-1])  # epoch time and throughput
-        for key, tag in EPOCH_TAGS.items():
-            value = metrics.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
+        for key, value in metrics.items():
+            tag = EPOCH_TAGS.get(key) or (None if key.endswith("samples") or key in _ROW_KEYS else f"metrics/{key}")
+            if tag is not None and isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(tag, float(value), epoch)
-        if "val_accuracy" in engine.state.metrics and self.collector is not None and self._images_due(engine):
+        validated = any(k.startswith("val_") for k in engine.state.metrics)
+        if validated and self.collector is not None and self.collector.confusion.numel() and self._images_due(engine):
             self.writer.add_image("val/confusion_matrix", confusion_matrix_image(self.collector.confusion), epoch)
             if self.collector.images:
                 images = torch.stack(self.collector.images)
@@ -168,23 +185,8 @@ class TensorBoardLogging:
         self.flush()
 
     def flush(self) -> None:
-        """Get every event queued so far into the file now.
-
-        tensorboardX queues events for a writer thread, and its ``flush()`` flushes only what that
-        thread has already written: a run killed right after would lose the rest. So the thread is
-        stopped (it writes the whole queue first, in order), the file flushed, and a new thread
-        started on the same file.
-        """
-        file_writer = self.writer._get_file_writer()
-        events = getattr(file_writer, "event_writer", None)
-        worker = getattr(events, "_worker", None)
-        if worker is None or not hasattr(worker, "stop") or events._closed:
-            self.writer.flush()  # another tensorboardX: its own flush is the best there is
-            return
-        worker.stop()
-        events._ev_writer.flush()
-        events._worker = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
-        events._worker.start()
+        """Get every event queued so far into the file now (tensorboardX's own ``flush()`` does not)."""
+        flush_tensorboardx(self.writer)
 
     def _images_due(self, engine: Engine) -> bool:
         epoch = engine.state.epoch

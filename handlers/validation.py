@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from ignite.engine import Engine, Events
 
+from engine.errors import ConfigError, param
 from handlers.ordering import Stage, attach_ordered
 
 __all__ = ["Validation"]
@@ -17,9 +18,21 @@ class Validation:
     Its metrics land in ``trainer.state.metrics`` as ``<prefix><name>`` (``val_loss``,
     ``val_accuracy``, ...), before any decision or checkpoint handler runs (Stage.VALIDATION).
     On epochs without validation those keys are removed, so nothing acts on a stale score.
+
+    ``watched`` maps a setting to the metric it names (``{"monitor": "val_accuracy"}``): after the
+    first validation a name that is not among the trainer's metrics stops the run with a
+    :class:`ConfigError` listing those that are (a misspelled name would otherwise switch early
+    stopping and best checkpoints off without a word).
     """
 
-    def __init__(self, evaluator: Engine, loader: Iterable, every: int = 1, prefix: str = "val_") -> None:
+    def __init__(
+        self,
+        evaluator: Engine,
+        loader: Iterable,
+        every: int = 1,
+        prefix: str = "val_",
+        watched: Mapping[str, str] | None = None,
+    ) -> None:
         if not isinstance(evaluator, Engine):
             raise TypeError(f"evaluator must be an ignite Engine, got {type(evaluator).__name__}")
         if not isinstance(every, int) or every < 1:
@@ -28,6 +41,7 @@ class Validation:
         self.loader = loader
         self.every = every
         self.prefix = prefix
+        self.watched = dict(watched or {})
 
     def is_due(self, epoch: int, max_epochs: int | None) -> bool:
         """Whether ``epoch`` is a validation epoch."""
@@ -46,3 +60,7 @@ class Validation:
         self.evaluator.run(self.loader)
         for name, value in self.evaluator.state.metrics.items():
             metrics[self.prefix + name] = value
+        for setting, name in self.watched.items():
+            if name not in metrics:
+                raise ConfigError(f"{param(setting)} {name!r} is not a metric of this run; "
+                                  f"it has: {', '.join(sorted(metrics))}")

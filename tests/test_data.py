@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ignite.engine import Engine
 
 from engine import ConfigError, InMemoryLoader, ResumableRandomSampler
 
@@ -95,22 +96,25 @@ def test_max_batches_caps_each_epoch_and_epochs_move_on():
     assert len(ld) == 3 and len(a) == len(b) == 30 and a != b
 
 
-@pytest.mark.parametrize("consumed", [0, 3, 17, None])
-def test_sampler_continues_exactly(consumed):
+@pytest.mark.parametrize("batches, batch_size", [(3, 1), (17, 1), (5, 3), (None, 3)])
+def test_sampler_attached_to_the_trainer_continues_exactly(batches, batch_size):
     reference = ResumableRandomSampler(40, seed=1, max_samples=30)
     epochs = [list(reference) for _ in range(3)]
     assert all(len(e) == 30 == len(set(e)) for e in epochs) and epochs[0] != epochs[1]
-    position = {"value": consumed}
-    sampler = ResumableRandomSampler(40, seed=1, max_samples=30, progress=lambda: position["value"])
+    trainer = Engine(lambda e, b: None)
+    sampler = ResumableRandomSampler(40, seed=1, max_samples=30).attach(trainer, batch_size)
     list(sampler)  # epoch 1
-    second = list(sampler)  # epoch 2 drawn; the trainer consumed `consumed` of it (None: all of it)
+    second = list(sampler)  # epoch 2 drawn; the trainer is `batches` batches into it (None: at its end)
     assert second == epochs[1]
+    length = 30 // batch_size
+    trainer.state.epoch, trainer.state.epoch_length = 2, length
+    trainer.state.iteration = length * (2 if batches is None else 1) + (batches or 0)
     fresh = ResumableRandomSampler(40, seed=99, max_samples=30)
     fresh.load_state_dict(sampler.state_dict())
-    if consumed is None:
+    if batches is None:
         assert list(fresh) == epochs[2]
     else:
-        assert list(fresh) == epochs[1][consumed:]
+        assert list(fresh) == epochs[1][batches * batch_size :]
         assert list(fresh) == epochs[2]
 
 

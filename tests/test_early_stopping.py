@@ -14,7 +14,7 @@ def drive(scores, **kwargs):
     """Run a trainer whose epoch e reports val_accuracy = scores[e-1]; return (epochs run, handler, lines)."""
     trainer = Engine(lambda e, b: None)
     lines: list[str] = []
-    stopper = EarlyStopping(trainer, log=lines.append, **kwargs).attach()
+    stopper = EarlyStopping(log=lines.append, **kwargs).attach(trainer)
 
     @trainer.on(Events.EPOCH_STARTED)
     def publish(engine):
@@ -55,7 +55,7 @@ def test_min_mode_for_a_loss():
 
 def test_state_round_trips_into_a_fresh_instance():
     _, stopper, _ = drive([0.9, 0.8, 0.85], patience=5)
-    fresh = EarlyStopping(Engine(lambda e, b: None), patience=5)
+    fresh = EarlyStopping(patience=5)
     fresh.load_state_dict(stopper.state_dict())
     assert (fresh.counter, fresh.best_score) == (2, 0.9)
 
@@ -67,4 +67,4 @@ def test_state_round_trips_into_a_fresh_instance():
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        EarlyStopping(Engine(lambda e, b: None), **kwargs)
+        EarlyStopping(**kwargs)

@@ -111,5 +111,5 @@ def test_bad_arguments(kwargs, match):
 def test_loading_another_schedulers_state_is_refused():
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     state = LRSchedule("cosine", optimizer, epochs=2, epoch_length=5).state_dict()
-    with pytest.raises(ValueError, match="--scheduler cosine"):
+    with pytest.raises(ValueError, match="scheduler='cosine'"):
         LRSchedule("step", optimizer, epochs=2, epoch_length=5).load_state_dict(state)

@@ -1,0 +1,139 @@
+"""The settings of a run: one typed object with defaults, checked when it is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import ConfigError, param
+
+__all__ = ["OPTIMIZERS", "SCHEDULERS", "RunSettings"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "step", "cosine", "onecycle", "plateau")
+DATA_PATHS = ("memory", "torchvision")
+
+
+@dataclass
+class RunSettings:
+    """Everything a run needs besides the model and the data; every field has a default.
+
+    Subclass it (as a dataclass) to add the settings of your own script; they land in
+    ``config.json`` and TensorBoard's HParams tab with the rest.
+
+    Groups:
+        run folder: ``output_dir`` (default ``runs/<name>-<timestamp>``), ``resume`` (``None``,
+            ``"auto"``: the newest valid ``last_*.pt`` there, or a path).
+        recipe: ``epochs``, ``batch_size`` (global), ``val_batch_size``, ``optimizer``, ``lr``,
+            ``weight_decay``, ``label_smoothing``, ``scheduler``, ``warmup_epochs``.
+        data: ``data_dir``, ``download``, ``data_path`` (``"memory"``: tensors on the device;
+            ``"torchvision"``: a ``DataLoader``), ``num_workers``, ``limit_train_batches``.
+        what to watch: ``monitor`` (a key of ``trainer.state.metrics``; default ``val_accuracy``
+            for classification, ``val_loss`` otherwise) and ``mode`` (``"max"``/``"min"``; default
+            ``"min"`` when the name holds ``loss`` or ``error``, else ``"max"``): early stopping,
+            best checkpoints and the plateau schedule all follow it.
+        handlers: ``val_every``, ``patience`` (0: off), ``min_delta``, ``early_stop_warmup``,
+            ``n_saved``, ``save_every_iters``, ``log_every``, ``progress``, ``tensorboard``,
+            ``tb_histograms``, ``tb_images_every``.
+        engine: ``seed``, ``device``, ``amp``, ``accumulation_steps``, ``clip_grad_norm``,
+            ``channels_last``, ``compile``, ``threads``.
+        distributed: ``nproc_per_node`` (spawn that many processes here), ``backend``.
+    """
+
+    output_dir: str | None = None
+    resume: str | None = None
+    epochs: int = 3
+    batch_size: int = 64
+    val_batch_size: int = 1000
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    scheduler: str = "none"
+    warmup_epochs: float = 0.0
+    data_dir: str = "./data"
+    download: bool = True
+    data_path: str = "memory"
+    num_workers: int = 0
+    limit_train_batches: int | None = None
+    monitor: str | None = None
+    mode: str | None = None
+    val_every: int = 1
+    patience: int = 3
+    min_delta: float = 0.0
+    early_stop_warmup: int = 0
+    n_saved: int = 2
+    save_every_iters: int | None = None
+    log_every: int = 50
+    progress: bool = True
+    tensorboard: bool = True
+    tb_histograms: bool = False
+    tb_images_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+    amp: str | None = None
+    accumulation_steps: int = 1
+    clip_grad_norm: float | None = None
+    channels_last: bool = False
+    compile: bool = False
+    threads: int | None = None
+    nproc_per_node: int | None = None
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> "RunSettings":
+        """Raise :class:`ConfigError` naming the first field that cannot work."""
+        for name in ("epochs", "batch_size", "val_batch_size", "val_every", "n_saved", "accumulation_steps"):
+            _positive_int(self, name)
+        for name in ("limit_train_batches", "save_every_iters", "threads", "nproc_per_node"):
+            if getattr(self, name) is not None:
+                _positive_int(self, name)
+        for name in ("patience", "early_stop_warmup", "log_every", "tb_images_every", "num_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{param(name)} must be an integer >= 0, got {value!r}")
+        _positive_float(self, "lr")
+        if self.clip_grad_norm is not None:
+            _positive_float(self, "clip_grad_norm")
+        for name in ("weight_decay", "label_smoothing", "min_delta", "warmup_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{param(name)} must be a finite number >= 0, got {value!r}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("data_path", DATA_PATHS),
+                              ("amp", (None, "bf16", "fp16")), ("backend", (None, "gloo", "nccl")),
+                              ("mode", (None, "min", "max"))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(str(a) for a in allowed)
+                raise ConfigError(f"{param(name)} must be one of {shown}; got {getattr(self, name)!r}")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"{param('warmup_epochs')} ({self.warmup_epochs:g}) must be less than "
+                              f"{param('epochs')} ({self.epochs})")
+        if self.monitor is not None and (not isinstance(self.monitor, str) or not self.monitor):
+            raise ConfigError(f"{param('monitor')} must be the name of a metric, got {self.monitor!r}")
+        return self
+
+    def watched(self, classification: bool = True) -> tuple[str, str]:
+        """``(monitor, mode)`` with the defaults filled in (see the class docstring)."""
+        monitor = self.monitor or ("val_accuracy" if classification else "val_loss")
+        mode = self.mode or ("min" if ("loss" in monitor or "error" in monitor) else "max")
+        return monitor, mode
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, for ``config.json``."""
+        return dataclasses.asdict(self)
+
+
+def _positive_int(settings: RunSettings, name: str) -> None:
+    value = getattr(settings, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{param(name)} must be a positive integer, got {value!r}")
+
+
+def _positive_float(settings: RunSettings, name: str) -> None:
+    value = getattr(settings, name)
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{param(name)} must be a positive number, got {value!r}")

@@ -1,0 +1,48 @@
+"""Every place where we rely on a private attribute of Ignite or tensorboardX, and only here.
+
+``tests/test_adapters.py`` exercises each function against the installed versions, so a release
+that renames one of these attributes fails that test loudly instead of breaking a run quietly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+
+__all__ = ["checkpoint_items", "exception_handler_count", "flush_tensorboardx", "set_checkpoint_items"]
+
+
+def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
+    """The files an Ignite ``Checkpoint`` keeps (``Checkpoint.Item(priority, filename)``), oldest or worst first."""
+    return list(checkpoint._saved)
+
+
+def set_checkpoint_items(checkpoint: Checkpoint, items: list[Any]) -> None:
+    """Replace that list (after a resume, without the files that are gone)."""
+    checkpoint._saved = [Checkpoint.Item(priority, filename) for priority, filename in items]
+
+
+def exception_handler_count(engine: Engine) -> int:
+    """How many handlers ``engine`` has for ``EXCEPTION_RAISED`` (with any, Ignite no longer re-raises)."""
+    return len(engine._event_handlers.get(Events.EXCEPTION_RAISED, []))
+
+
+def flush_tensorboardx(writer: Any) -> None:
+    """Get every event a tensorboardX ``SummaryWriter`` has queued into its file now.
+
+    tensorboardX queues events for a writer thread, and its ``flush()`` flushes only what that
+    thread has already written: a run killed right after would lose the rest. So the thread is
+    stopped (it writes the whole queue first, in order), the file flushed, and a new thread started
+    on the same file. A writer without these internals gets its own ``flush()``.
+    """
+    events = getattr(writer._get_file_writer(), "event_writer", None)
+    worker = getattr(events, "_worker", None)
+    if worker is None or not hasattr(worker, "stop") or events._closed:
+        writer.flush()
+        return
+    worker.stop()
+    events._ev_writer.flush()
+    events._worker = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
+    events._worker.start()

@@ -1,0 +1,248 @@
+"""The command-line layer: the run flags, settings from flags, and a ``main`` with our exit codes.
+
+    parser = run_parser("Train my model.")                 # every run flag (--epochs, --resume, ...)
+    parser.add_argument("--width", type=int, default=16)    # and your own
+    sys.exit(main(train, parser, MySettings))               # train(settings) -> RunResult, per process
+
+``main`` parses the flags into your settings dataclass (defaults, then ``presets[--preset]``, then the
+flags given), launches the processes (one; several under torchrun; ``--nproc-per-node N`` spawns N),
+and turns every way a run can end into an exit code with at most one line of ours on stderr:
+0 done, 1 a save failed, 2 bad input (flags, data, checkpoint), 3 a non-finite loss, 130/143 a stop signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import socket
+import sys
+from typing import Any, Callable, Mapping, TypeVar
+
+import torch
+
+from engine.errors import EXIT_SAVE, EXIT_USAGE, CheckpointSaveError, ConfigError, flag_names, param
+from engine.settings import OPTIMIZERS, SCHEDULERS, RunSettings
+from handlers.rng import seed_everything
+from handlers.run import RunResult
+
+__all__ = ["OneLineParser", "add_run_arguments", "launch", "main", "run_parser", "settings_from_args"]
+
+S = TypeVar("S", bound=RunSettings)
+PerProcess = Callable[[Any], "RunResult | int"]
+_NEGATED = {"download": "--no-download", "progress": "--no-progress", "tensorboard": "--no-tensorboard"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag costs one line on stderr (and exit code 2), not the whole usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def _checked(kind: Callable[[str], Any], test: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+non_negative_float = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings | None = None,
+                      data_env: str | None = None) -> argparse.ArgumentParser:  # fmt: skip
+    """Add every run flag to ``parser``. Recipe flags default to ``None`` (then the preset or the
+    settings class decides); the others show ``defaults`` (a settings instance) in ``--help``.
+    ``data_env`` names an environment variable that ``--data-dir`` defaults to when set."""
+    d = defaults or RunSettings()
+    p = parser
+    p.add_argument("--data-dir", default=(os.environ.get(data_env) if data_env else None) or d.data_dir,
+                   help=f"data folder (default: ${data_env}, else {d.data_dir})" if data_env else "data folder")
+    p.add_argument("--no-download", action="store_true", help="never try to download the data")
+    p.add_argument("--output-dir", default=None, help="run folder (default: runs/<name>-<timestamp>)")
+    p.add_argument("--resume", default=None, help="'auto' (newest valid last_*.pt in --output-dir) or a path")
+    g = p.add_argument_group("recipe (default: from --preset)")
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS))
+    g.add_argument("--epochs", type=positive_int)
+    g.add_argument("--batch-size", type=positive_int, help="global: shared among processes")
+    g.add_argument("--val-batch-size", type=positive_int)
+    g.add_argument("--lr", type=positive_float)
+    g.add_argument("--weight-decay", type=non_negative_float)
+    g.add_argument("--label-smoothing", type=non_negative_float)
+    g.add_argument("--scheduler", choices=list(SCHEDULERS))
+    g.add_argument("--warmup-epochs", type=non_negative_float)
+    g.add_argument("--data-path", choices=["memory", "torchvision"], help="tensors on the device, or a DataLoader")
+    g = p.add_argument_group("handlers")
+    g.add_argument("--monitor", default=d.monitor,
+                   help="metric that early stopping, best checkpoints and plateau LR follow (default: val_accuracy, "
+                        "val_loss without accuracy)")
+    g.add_argument("--mode", choices=["max", "min"], default=d.mode,
+                   help="direction of --monitor (default: min for a loss or error, else max)")
+    g.add_argument("--val-every", type=positive_int, default=d.val_every, help="validate every N epochs (and after the last)")
+    g.add_argument("--patience", type=non_negative_int, default=d.patience, help="early stopping; 0 switches it off")
+    g.add_argument("--min-delta", type=non_negative_float, default=d.min_delta)
+    g.add_argument("--early-stop-warmup", type=non_negative_int, default=d.early_stop_warmup, help="epochs never judged")
+    g.add_argument("--n-saved", type=positive_int, default=d.n_saved, help="best checkpoints kept")
+    g.add_argument("--save-every-iters", type=positive_int, default=d.save_every_iters,
+                   help="also save last_*.pt every N iterations (mid-epoch, exact resume)")
+    g.add_argument("--log-every", type=non_negative_int, default=d.log_every, help="batch lines every N batches (0: none)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a terminal)")
+    g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    g.add_argument("--tb-histograms", action="store_true", help="weight and gradient histograms (cost time)")
+    g.add_argument("--tb-images-every", type=non_negative_int, default=d.tb_images_every,
+                   help="confusion matrix and misclassified samples every N epochs (0: after the last only)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--num-workers", type=non_negative_int, default=d.num_workers, help="DataLoader workers")
+    g.add_argument("--limit-train-batches", type=positive_int, default=d.limit_train_batches,
+                   help="cap training batches per epoch")
+    g.add_argument("--amp", choices=["bf16", "fp16"], default=d.amp, help="mixed precision")
+    g.add_argument("--accumulation-steps", type=positive_int, default=d.accumulation_steps)
+    g.add_argument("--clip-grad-norm", type=positive_float, default=d.clip_grad_norm)
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--threads", type=positive_int, default=d.threads, help="torch CPU threads")
+    g = p.add_argument_group("distributed (or launch with torchrun)")
+    g.add_argument("--nproc-per-node", type=positive_int, default=None,
+                   help="spawn this many processes here (idist.Parallel); --batch-size stays global")
+    g.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with CUDA, else gloo")
+    return p
+
+
+def run_parser(description: str, defaults: RunSettings | None = None, data_env: str | None = None) -> OneLineParser:
+    """A :class:`OneLineParser` with every run flag (see :func:`add_run_arguments`)."""
+    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return add_run_arguments(parser, defaults, data_env)
+
+
+def flag_map(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Setting name -> the flag that sets it, for messages (``warmup_epochs`` -> ``--warmup-epochs``)."""
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
+    flags.update({name: flag for name, flag in _NEGATED.items() if flag.lstrip("-").replace("-", "_") in flags})
+    return flags
+
+
+def settings_from_args(args: argparse.Namespace, cls: type[S] = RunSettings,  # type: ignore[assignment]
+                       presets: Mapping[str, Mapping[str, Any]] | None = None) -> S:  # fmt: skip
+    """``cls`` built from its defaults, then ``presets[args.preset]`` (if any), then every flag that has
+    a value (recipe flags default to ``None``: not given, the preset or the class default stands)."""
+    values = dict(presets[args.preset]) if presets and getattr(args, "preset", None) else {}
+    given = dict(vars(args))
+    for name in _NEGATED:
+        if "no_" + name in given:
+            given[name] = not given.pop("no_" + name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key, value in given.items():
+        if key in fields and value is not None:
+            values[key] = value
+    return cls(**values)
+
+
+def _one_process(per_process: PerProcess, settings: RunSettings) -> int:
+    seed_everything(settings.seed)  # before the model is built: its initial weights come from it
+    result = per_process(settings)
+    return result.exit_code if isinstance(result, RunResult) else int(result or 0)
+
+
+def _spawned(local_rank: int, per_process: PerProcess, settings: RunSettings, flags: dict[str, str]) -> None:
+    """A process spawned by ``--nproc-per-node``: errors end it with our exit codes, as a script would."""
+    with flag_names(flags):
+        code = _guarded(lambda: _one_process(per_process, settings))
+    if code:
+        sys.exit(code)
+
+
+def _ranked(local_rank: int, per_process: PerProcess, settings: RunSettings, codes: list) -> None:
+    codes.append(_one_process(per_process, settings))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(per_process: PerProcess, settings: RunSettings, flags: Mapping[str, str] | None = None) -> int:
+    """Run ``per_process(settings)`` here, in each process torchrun started, or in
+    ``settings.nproc_per_node`` processes spawned here; the exit code of the run."""
+    import ignite.distributed as idist
+
+    backend = settings.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun (or another launcher)
+    if settings.nproc_per_node and settings.nproc_per_node > 1:
+        if launched:
+            raise ConfigError(f"{param('nproc_per_node')} spawns processes itself: do not also launch with torchrun")
+        from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+        try:
+            with idist.Parallel(backend=backend, nproc_per_node=settings.nproc_per_node,
+                                master_port=_free_port()) as parallel:  # fmt: skip
+                parallel.run(_spawned, per_process, settings, dict(flags or {}))
+        except ProcessExitedException as exc:
+            return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
+        except ProcessRaisedException as exc:
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "a training process failed"
+            print(f"error: a training process failed: {last}", file=sys.stderr)
+            return 1
+        return 0
+    if launched:
+        codes: list[int] = []
+        with idist.Parallel(backend=backend) as parallel:  # rank and world from the launcher's environment
+            parallel.run(_ranked, per_process, settings, codes)
+        return codes[0] if codes else 1
+    return _one_process(per_process, settings)
+
+
+def _guarded(body: Callable[[], int]) -> int:
+    """``body()``, with every way a user's run can fail turned into one line and an exit code."""
+    try:
+        return body()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckpointSaveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SAVE
+    except KeyboardInterrupt:
+        print("Interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
+    except OSError as exc:  # disk full or read-only outside checkpointing (history, config, events)
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}; checkpoints already saved are intact",
+              file=sys.stderr)
+        return EXIT_SAVE
+
+
+def quiet_ignite() -> None:
+    """Ignite's own log lines off: errors reach the user as our one line."""
+    from ignite.utils import setup_logger
+
+    logging.getLogger("ignite").addHandler(logging.NullHandler())
+    for name in ("ignite.distributed.launcher.Parallel", "ignite.distributed.auto.auto_model"):
+        setup_logger(name, level=logging.WARNING)
+
+
+def main(per_process: PerProcess, parser: argparse.ArgumentParser, settings_cls: type[RunSettings] = RunSettings,
+         presets: Mapping[str, Mapping[str, Any]] | None = None, argv: list[str] | None = None) -> int:  # fmt: skip
+    """Parse ``argv`` into ``settings_cls``, launch ``per_process`` (see :func:`launch`); the exit code.
+
+    ``per_process(settings)`` trains in one process and returns a :class:`RunResult` (what
+    :func:`handlers.fit` returns) or an exit code. The global RNG is seeded with ``settings.seed``
+    before it is called. Messages name settings by their flags (``--warmup-epochs``).
+    """
+    quiet_ignite()
+    flags = flag_map(parser)
+    with flag_names(flags):
+        args = parser.parse_args(argv)
+        return _guarded(lambda: launch(per_process, settings_from_args(args, settings_cls, presets), flags))

@@ -1,0 +1,282 @@
+"""The run: every default handler on your trainer and evaluator, the resume, and the end of the run.
+
+    run = attach_run(trainer, evaluator, train_loader=..., val_loader=...,
+                     to_save={"model": model, "optimizer": optimizer}, settings=RunSettings(...))
+    result = run.run()          # trainer.run to settings.epochs, then history, summary, exit code
+
+The engines stay plain Ignite engines: attach your own handlers before or after, or replace ours
+(they are attributes of the returned :class:`Run`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine
+
+from engine.errors import EXIT_NAN, EXIT_OK, ConfigError, param
+from engine.run_lock import RunLock
+from engine.settings import RunSettings
+from handlers.checkpoint import TrainingCheckpoint, find_resume_checkpoint, load_checkpoint, restore
+from handlers.console import ConsoleLogger, write_line
+from handlers.early_stopping import EarlyStopping
+from handlers.history import History, write_json_atomic
+from handlers.lr_schedule import LRSchedule
+from handlers.metrics import TrainMetrics
+from handlers.nan_guard import NanGuard
+from handlers.progress import Progress, progress_wanted
+from handlers.rng import RNGState
+from handlers.signals import GracefulStop
+from handlers.tensorboard import TensorBoardLogging
+from handlers.validation import Validation
+
+__all__ = ["Run", "RunResult", "attach_run", "check_output_dir", "data_order"]
+
+
+@dataclass
+class RunResult:
+    """What a run leaves: its per-epoch history, the best epoch's row, the files, and the exit code
+    (0; 3 after a non-finite loss; 128 + signal after a stop signal)."""
+
+    exit_code: int
+    output_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    best_path: Path | None = None
+    last_path: Path | None = None
+
+
+def check_output_dir(output_dir: str | Path | None, resume: str | None, name: str = "run") -> Path:
+    """The run folder (default ``runs/<name>-<timestamp>``); an existing run there is never
+    overwritten unless resumed."""
+    out = Path(output_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{param('output_dir')} {out} is a file, not a folder")
+    if resume is None and out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output dir {out} already holds a run: pass {param('resume', 'auto')} to continue it, "
+                          f"or choose another {param('output_dir')}")
+    return out
+
+
+def data_order(train_loader: Iterable, trainer: Engine) -> Any | None:
+    """The object that holds the training data's order (an ``InMemoryLoader``, or the loader's
+    ``ResumableRandomSampler``, then attached to ``trainer``); ``None`` if there is none to save."""
+    if hasattr(train_loader, "state_dict") and hasattr(train_loader, "load_state_dict"):
+        return train_loader
+    sampler = getattr(train_loader, "sampler", None)
+    if hasattr(sampler, "state_dict") and hasattr(sampler, "load_state_dict"):
+        if hasattr(sampler, "attach"):
+            sampler.attach(trainer, getattr(train_loader, "batch_size", None) or 1)
+        return sampler
+    return None
+
+
+def _attach_user_handler(handler: Any, trainer: Engine, evaluator: Engine) -> None:
+    """``handler.attach(trainer, evaluator)`` if it takes both, else ``handler.attach(trainer)``."""
+    attach = getattr(handler, "attach", None)
+    if not callable(attach):
+        raise TypeError(f"a handler needs an attach method; {type(handler).__name__} has none")
+    try:
+        takes_two = len(inspect.signature(attach).parameters) >= 2
+    except (TypeError, ValueError):
+        takes_two = False
+    attach(trainer, evaluator) if takes_two else attach(trainer)
+
+
+class Run:
+    """Every default handler of a run, attached; built by :func:`attach_run`."""
+
+    def __init__(self, trainer: Engine, evaluator: Engine, train_loader: Iterable, settings: RunSettings,
+                 output_dir: Path, classification: bool) -> None:  # fmt: skip
+        self.trainer, self.evaluator, self.train_loader = trainer, evaluator, train_loader
+        self.settings, self.output_dir, self.classification = settings, output_dir, classification
+        self.monitor, self.mode = settings.watched(classification)
+        self.started = time.perf_counter()
+        self.lock: RunLock | None = None
+        self.tensorboard: TensorBoardLogging | None = None
+        self.config: dict[str, Any] = {}
+
+    @property
+    def done(self) -> bool:
+        """Whether the trainer has already run every epoch (a finished run being resumed)."""
+        state = self.trainer.state
+        mid_epoch = bool(state.epoch_length and state.iteration % state.epoch_length)
+        return state.epoch >= self.settings.epochs and not mid_epoch
+
+    def run(self) -> RunResult:
+        """``trainer.run`` up to ``settings.epochs`` (or until a handler stops it), then :meth:`finish`."""
+        try:
+            if not self.done:
+                self.trainer.run(self.train_loader, max_epochs=self.settings.epochs)
+        except BaseException:
+            self.close()
+            raise
+        return self.finish()
+
+    def finish(self) -> RunResult:
+        """Write the last records, print the summary, release the run folder; the result."""
+        try:
+            self.history.write()
+            best = self.history.best(self.monitor, self.mode)
+            if self.tensorboard is not None:
+                final = self.history.epochs[-1].get(self.monitor) if self.history.epochs else None
+                self.tensorboard.log_hparams(self.config, {f"hparam/best_{self.monitor}": best and best[self.monitor],
+                                                           f"hparam/final_{self.monitor}": final})
+        finally:
+            self.close()
+        out, checkpoint = self.output_dir, self.checkpoint
+        if best is not None:
+            write_line(f"Best {self.monitor.replace('_', ' ')}: {_shown(self.monitor, best[self.monitor])} at epoch "
+                       f"{best['epoch']} ({len(self.history.epochs)} epoch(s) in all, this process "
+                       f"{time.perf_counter() - self.started:.1f} s)")
+        write_line(f"Checkpoints: {out / 'checkpoints'} (best: {checkpoint.best_path and checkpoint.best_path.name}, "
+                   f"last: {checkpoint.last_path and checkpoint.last_path.name})")
+        write_line(f"History: {out / 'history.json'}")
+        if self.tensorboard is not None:
+            write_line(f"TensorBoard: tensorboard --logdir {out / 'tb'}")
+        code = self.stop.exit_code
+        if code is None:
+            code = EXIT_NAN if self.nan_guard.triggered else EXIT_OK
+        return RunResult(code, out, [dict(r) for r in self.history.epochs], best, checkpoint.best_path,
+                         checkpoint.last_path)
+
+    def close(self) -> None:
+        """Put the signal handlers back, close TensorBoard, release the run folder (idempotent)."""
+        self.stop.uninstall()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _shown(metric: str, value: float) -> str:
+    return f"{value * 100:.2f}%" if metric.endswith("accuracy") else f"{value:.4f}"
+
+
+def attach_run(
+    trainer: Engine,
+    evaluator: Engine,
+    *,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    to_save: Mapping[str, Any],
+    settings: RunSettings,
+    classification: bool = True,
+    handlers: Sequence[Any] = (),
+    denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    name: str = "run",
+    extra_config: Mapping[str, Any] | None = None,
+) -> Run:
+    """Attach every default handler to ``trainer`` and ``evaluator``, then resume if asked; one call.
+
+    Attached (each runs at its :class:`~handlers.ordering.Stage` at an epoch end): train metrics,
+    validation every ``settings.val_every`` epochs, the LR schedule, the history, early stopping,
+    the NaN guard, best/last checkpoints (also every ``save_every_iters``), stop signals, console
+    lines, progress bars and TensorBoard (rank 0), then your ``handlers`` (``attach(trainer,
+    evaluator)`` or ``attach(trainer)``; those with ``state_dict`` are saved in every checkpoint).
+
+    Args:
+        trainer, evaluator: from :func:`engine.create_trainer` / :func:`engine.create_evaluator`
+            (or your own engines with the same outputs).
+        train_loader, val_loader: what the engines iterate; the training data order (an
+            ``InMemoryLoader`` or a ``ResumableRandomSampler``) is saved and restored exactly.
+        to_save: at least ``"model"`` and ``"optimizer"``; anything else with ``state_dict``.
+        settings: see :class:`engine.RunSettings`; ``settings.output_dir`` and ``settings.resume``
+            (``"auto"`` or a path) say where and whether to continue.
+        classification: accuracy, confusion matrix and misclassified images; else loss only.
+        denormalize: maps normalised inputs back to [0, 1] for TensorBoard images.
+        name: default folder name, ``runs/<name>-<timestamp>``.
+        extra_config: more entries for ``config.json`` (the device, ...).
+    """
+    settings.check()
+    for key in ("model", "optimizer"):
+        if key not in to_save:
+            raise ValueError(f"to_save must hold {key!r}")
+    rank, world = idist.get_rank(), idist.get_world_size()
+    if world > 1 and not settings.output_dir:
+        raise ConfigError(f"a distributed run needs an explicit {param('output_dir')} (every process must agree on it)")
+    out = check_output_dir(settings.output_dir, settings.resume, name) if rank == 0 else Path(settings.output_dir)
+    resume_state = None
+    if settings.resume not in (None, "auto"):
+        path = Path(settings.resume)
+        resume_state = (path, load_checkpoint(path))  # a bad file fails here, before any work
+    run = Run(trainer, evaluator, train_loader, settings, out, classification)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        run.lock = RunLock(out).acquire()
+    try:
+        _attach_handlers(run, to_save, val_loader, handlers)
+        _resume(run, resume_state)
+        run.config = {**settings.to_dict(), **(extra_config or {}), "output_dir": str(out), "world_size": world,
+                      "monitor": run.monitor, "mode": run.mode}
+        if run.resumed_from is not None:
+            run.config["resumed_from"] = str(run.resumed_from)
+        if rank == 0:
+            write_json_atomic(out / "config.json", run.config)
+        if settings.tensorboard and rank == 0:  # after the resume: it purges what came after the checkpoint
+            iteration = trainer.state.iteration
+            run.tensorboard = TensorBoardLogging(
+                out / "tb", log_every=settings.log_every, lr=lambda: run.lr_schedule.lr, images=classification,
+                model=to_save["model"], histograms=settings.tb_histograms, purge_step=iteration + 1 if iteration else None,
+                denormalize=denormalize, history=run.history, images_every=settings.tb_images_every,
+            ).attach(trainer, evaluator)
+    except BaseException:
+        if run.lock is not None:
+            run.lock.release()
+        if hasattr(run, "stop"):
+            run.stop.uninstall()
+        raise
+    return run
+
+
+def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable, handlers: Sequence[Any]) -> None:
+    s, trainer, evaluator = run.settings, run.trainer, run.evaluator
+    run.train_metrics = TrainMetrics(accuracy=run.classification).attach(trainer)
+    Validation(evaluator, val_loader, every=s.val_every, watched={"monitor": run.monitor}).attach(trainer)
+    run.lr_schedule = LRSchedule(s.scheduler, to_save["optimizer"], epochs=s.epochs, epoch_length=len(run.train_loader),
+                                 warmup_epochs=s.warmup_epochs, metric=run.monitor, mode=run.mode).attach(trainer)
+    run.history = History(run.output_dir / "history.json", extra={"lr": lambda: run.lr_schedule.lr}).attach(trainer)
+    run.early_stopping = EarlyStopping(patience=s.patience, min_delta=s.min_delta, warmup=s.early_stop_warmup,
+                                       metric=run.monitor, mode=run.mode, log=write_line).attach(trainer)
+    run.nan_guard = NanGuard(log=write_line).attach(trainer)
+    run.to_save = {**to_save, "trainer": trainer, "lr_schedule": run.lr_schedule, "early_stopping": run.early_stopping,
+                   "history": run.history, "train_metrics": run.train_metrics, "rng": RNGState()}
+    order = data_order(run.train_loader, trainer)
+    if order is not None:
+        run.to_save["data"] = order
+    scaler = getattr(trainer, "scaler", None)
+    if scaler is not None:
+        run.to_save["scaler"] = scaler
+    for index, handler in enumerate(handlers):
+        _attach_user_handler(handler, trainer, evaluator)
+        if hasattr(handler, "state_dict") and hasattr(handler, "load_state_dict"):
+            run.to_save[f"handler{index}_{type(handler).__name__}"] = handler
+    run.checkpoint = TrainingCheckpoint(run.output_dir / "checkpoints", run.to_save, metric=run.monitor, mode=run.mode,
+                                        n_saved=s.n_saved, every_iters=s.save_every_iters,
+                                        skip_if=lambda: run.nan_guard.triggered).attach(trainer)
+    run.stop = GracefulStop(run.checkpoint, log=write_line).attach(trainer)
+    ConsoleLogger(run.train_metrics, log_every=s.log_every).attach(trainer)
+    if progress_wanted(not s.progress):
+        Progress().attach(trainer, evaluator)
+
+
+def _resume(run: Run, resume_state: tuple[Path, dict] | None) -> None:
+    run.resumed_from = None
+    checkpoints = run.output_dir / "checkpoints"
+    if run.settings.resume == "auto":
+        resume_state = find_resume_checkpoint(checkpoints, log=write_line)
+        if resume_state is None:
+            write_line(f"No checkpoint in {checkpoints}: starting a new run")
+    if resume_state is None:
+        return
+    path, state = resume_state
+    restore(run.to_save, state, path)
+    run.checkpoint.load_bookkeeping(state, path)
+    run.resumed_from = path
+    write_line(f"Resumed from {path} (epoch {run.trainer.state.epoch}, iteration {run.trainer.state.iteration})")

@@ -1,4 +1,8 @@
-"""Helpers shared by the benchmarks: where MNIST is, the example script as a module, quiet runs."""
+"""Helpers shared by the benchmarks: where MNIST is, the data as tensors, the model measured, quiet runs.
+
+The benchmarks measure the library (``engine``, ``handlers``); where they need the example's whole
+recipe they run ``examples/train_mnist.py`` as a process, as a user would.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,14 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))
 
-import train_mnist  # noqa: E402,F401  (re-exported for the benchmarks)
+from engine import load_dataset  # noqa: E402
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def mnist_root() -> str:
@@ -24,6 +30,25 @@ def mnist_root() -> str:
         if candidate and (Path(candidate) / "MNIST" / "raw").is_dir():
             return str(candidate)
     sys.exit("MNIST not found: set MNIST_ROOT to a folder holding MNIST/raw")
+
+
+def mnist_tensors(root: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(train images, labels), (test images, labels)], normalised once, as the in-memory path holds them."""
+    import torchvision
+
+    sets = [load_dataset(torchvision.datasets.MNIST, root, train=t, download=False) for t in (True, False)]
+    return [(ds.data.float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze_(1), ds.targets) for ds in sets]
+
+
+def mnist_cnn(width: int = 16) -> nn.Module:
+    """The default preset's network (``FastNet`` of examples/train_mnist.py), as the model under test."""
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(1, w, 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+        nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
+        nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4 * w, 10),
+    )  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -19,7 +19,10 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from common import machine, mnist_root, train_mnist
+from common import machine, mnist_root, mnist_tensors
+
+from engine import RunSettings, load_dataset
+from handlers import make_loaders
 
 
 def samples_per_second(loader) -> float:
@@ -40,13 +43,14 @@ def main() -> None:
     print(f"machine: {machine()}")
 
     start = time.perf_counter()
-    config = train_mnist.resolve_config(train_mnist.build_parser().parse_args(
-        ["--data-dir", root, "--batch-size", str(args.batch_size)]))  # fmt: skip
-    memory, _, _ = train_mnist.make_loaders(config, torch.device("cpu"))
+    train, test = mnist_tensors(root)
+    memory, _ = make_loaders(train, test, RunSettings(batch_size=args.batch_size), torch.device("cpu"))
     print(f"in-memory set-up (read, normalise once): {time.perf_counter() - start:.2f} s")
 
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    dataset = train_mnist.load_mnist(root, True, download=False, transform=tf)
+    import torchvision
+
+    dataset = load_dataset(torchvision.datasets.MNIST, root, train=True, download=False, transform=tf)
     paths = {
         "in-memory": memory,
         "DataLoader, 0 workers": DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=0),

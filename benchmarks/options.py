@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-from common import machine, mnist_root, quiet, train_mnist
+from common import ROOT, machine, mnist_root
 
 SETTINGS = {
     "default (channels-last on)": [],
@@ -30,10 +32,10 @@ SETTINGS = {
 
 def throughput(extra: list[str], out: str) -> float:
     flags = ["--epochs", "1", "--no-progress", "--no-tensorboard", "--data-dir", mnist_root(), "--output-dir", out]
-    with quiet():
-        code = train_mnist.main([*flags, *extra])
-    if code != 0:
-        raise SystemExit(f"{extra} failed with exit code {code}")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_mnist.py"), *flags, *extra],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit code {proc.returncode}: {proc.stderr.strip()[-200:]}")
     return json.loads((Path(out) / "history.json").read_text())[-1]["samples_per_second"]
 
 

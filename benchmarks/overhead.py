@@ -1,4 +1,4 @@
-"""Engine overhead: the example's trainer with every default handler vs a hand-written loop.
+"""Engine overhead: the library's run (``build_run``) with every default handler vs a hand-written loop.
 
 Both do the same work: the default preset's model, batches (same seed), optimizer and one-cycle LR,
 per-sample train loss/accuracy, the seed-style lines, and a full validation after each epoch. The
@@ -30,42 +30,52 @@ from ignite.engine import Events
 from ignite.handlers import PiecewiseLinear
 from torch import nn
 
-from common import machine, mnist_root, quiet, train_mnist
+from common import machine, mnist_cnn, mnist_root, mnist_tensors, quiet
+
+from engine import RunSettings
+from handlers import build_run, make_loaders, seed_everything
+
+
+def default_settings(epochs: int, out: str | None = None) -> RunSettings:
+    """The default preset's recipe (examples/train_mnist.py), every default handler on."""
+    return RunSettings(output_dir=out, epochs=epochs, batch_size=256, val_batch_size=2000, lr=8e-3,
+                       scheduler="onecycle", channels_last=True, progress=False, seed=0)
 
 
 class EngineRun:
-    """The example's trainer, built by ``train_mnist.build`` exactly as the script builds it."""
+    """The library's run (``handlers.build_run``, as ``fit`` builds it) on the default recipe."""
 
-    def __init__(self, flags: list[str], out: str, segment: int) -> None:
+    def __init__(self, data: list, epochs: int, out: str, segment: int) -> None:
+        seed_everything(0)
         with quiet():
-            self.run = train_mnist.build([*flags, "--output-dir", out])
+            self.run = build_run(mnist_cnn(), data[0], data[1], default_settings(epochs, out), name="bench")
         self.run.trainer.add_event_handler(Events.ITERATION_COMPLETED(every=segment), lambda e: e.interrupt())
         self.done = False
 
     def step(self) -> None:
-        """Run until the next pause, or to the end (then write the last records, as the script does)."""
+        """Run until the next pause, or to the end (then write the last records, as ``fit`` does)."""
         with quiet():
-            state = self.run.trainer.run(self.run.train_loader, max_epochs=self.run.config["epochs"])
-            if state.epoch >= self.run.config["epochs"] and not train_mnist.epoch_progress(self.run.trainer):
-                assert train_mnist.finish(self.run) == 0
+            self.run.trainer.run(self.run.train_loader, max_epochs=self.run.settings.epochs)
+            if self.run.done:
+                assert self.run.finish().exit_code == 0
                 self.done = True
 
 
-def raw_loop(flags: list[str], segment: int) -> Iterator[None]:
+def raw_loop(data: list, epochs: int, segment: int) -> Iterator[None]:
     """The same training, written by hand; pauses (yields) every ``segment`` iterations."""
     with quiet():
-        config = train_mnist.resolve_config(train_mnist.build_parser().parse_args(flags))
-        torch.manual_seed(config["seed"])
-        train_loader, val_loader, _ = train_mnist.make_loaders(config, torch.device("cpu"))
-        model = train_mnist.FastNet(config["width"]).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+        settings = default_settings(epochs)
+        torch.manual_seed(settings.seed)
+        train_loader, val_loader = make_loaders(data[0], data[1], settings, torch.device("cpu"))
+        model = mnist_cnn().to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
         criterion = nn.CrossEntropyLoss()
-        total = config["epochs"] * len(train_loader)
-        lr = config["lr"]
+        total = settings.epochs * len(train_loader)
+        lr = settings.lr
         lrs = [v for _, v in PiecewiseLinear.simulate_values(
             total, param_name="lr", milestones_values=[(0, lr / 25), (total // 4, lr), (total - 1, lr / 1e4)])]
     step = 0
-    for epoch in range(1, config["epochs"] + 1):
+    for epoch in range(1, settings.epochs + 1):
         model.train()
         loss_sum, correct, seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
         for batch, (x, y) in enumerate(train_loader, 1):
@@ -97,10 +107,10 @@ def raw_loop(flags: list[str], segment: int) -> Iterator[None]:
         _ = f"Epoch {epoch}, Val Loss: {val_loss / val_seen:.4f}, Val Accuracy: {val_correct / val_seen:.2%}"
 
 
-def pair(flags: list[str], out: str, segment: int) -> tuple[float, float]:
+def pair(data: list, epochs: int, out: str, segment: int) -> tuple[float, float]:
     """Seconds of the engine and of the raw loop, advanced in alternating segments."""
-    engine = EngineRun(flags, out, segment)
-    raw = raw_loop(flags, segment)
+    engine = EngineRun(data, epochs, out, segment)
+    raw = raw_loop(data, epochs, segment)
     t_engine = t_raw = 0.0
     raw_done = False
     while not (engine.done and raw_done):
@@ -121,13 +131,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--segment", type=int, default=20, help="iterations per alternating segment")
     args = p.parse_args()
-    flags = ["--epochs", str(args.epochs), "--no-progress", "--seed", "0", "--data-dir", mnist_root()]
+    data = mnist_tensors(mnist_root())
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
-        pair([*flags[:1], "1", *flags[2:]], f"{tmp}/warmup", args.segment)  # warm-up, not counted
+        pair(data, 1, f"{tmp}/warmup", args.segment)  # warm-up, not counted
         ratios = []
         for i in range(args.pairs):
-            e, r = pair(flags, f"{tmp}/run{i}", args.segment)
+            e, r = pair(data, args.epochs, f"{tmp}/run{i}", args.segment)
             ratios.append(e / r)
             print(f"pair {i + 1}: engine {e:.3f} s  raw {r:.3f} s  ratio {e / r:.4f}", flush=True)
     print(f"median engine/raw over {args.pairs} pairs; spread {min(ratios):.4f}..{max(ratios):.4f}")

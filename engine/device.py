@@ -34,11 +34,13 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     except (RuntimeError, TypeError):
         raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here: use {param('device', 'cpu')} or auto")
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here: "
+                          f"use {param('device', 'cpu')} or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(f"device {name!r} asked for, but MPS is not available here: use {param('device', 'cpu')} or auto")
+        raise ConfigError(f"device {name!r} asked for, but MPS is not available here: "
+                          f"use {param('device', 'cpu')} or auto")
     return device
 
 

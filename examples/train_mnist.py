@@ -100,7 +100,8 @@ def load_mnist(s: MnistSettings) -> list:
     from torchvision import transforms
 
     memory = s.data_path == "memory"
-    tf = None if memory else transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+    normalize = transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))
+    tf = None if memory else transforms.Compose([transforms.ToTensor(), normalize])
     sets = [load_dataset(torchvision.datasets.MNIST, s.data_dir, train=train, download=s.download, transform=tf,
                          hint=" / MNIST_ROOT") for train in (True, False)]  # fmt: skip
     for ds, name in zip(sets, ("training", "test")):

@@ -22,7 +22,7 @@ from handlers.signals import GracefulStop
 from handlers.rng import RNGState, seed_everything
 from handlers.validation import Validation
 from handlers.run import Run, RunResult, attach_run
-from handlers.fit import fit, make_loaders, make_optimizer
+from handlers.fit import build_run, fit, make_loaders, make_optimizer
 
 __all__ = [
     "ConsoleLogger",
@@ -45,6 +45,7 @@ __all__ = [
     "Validation",
     "attach_ordered",
     "attach_run",
+    "build_run",
     "fit",
     "find_resume_checkpoint",
     "last_checkpoints",

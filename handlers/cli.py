@@ -88,14 +88,17 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings | N
                         "val_loss without accuracy)")
     g.add_argument("--mode", choices=["max", "min"], default=d.mode,
                    help="direction of --monitor (default: min for a loss or error, else max)")
-    g.add_argument("--val-every", type=positive_int, default=d.val_every, help="validate every N epochs (and after the last)")
+    g.add_argument("--val-every", type=positive_int, default=d.val_every,
+                   help="validate every N epochs (and after the last)")
     g.add_argument("--patience", type=non_negative_int, default=d.patience, help="early stopping; 0 switches it off")
     g.add_argument("--min-delta", type=non_negative_float, default=d.min_delta)
-    g.add_argument("--early-stop-warmup", type=non_negative_int, default=d.early_stop_warmup, help="epochs never judged")
+    g.add_argument("--early-stop-warmup", type=non_negative_int, default=d.early_stop_warmup,
+                   help="epochs never judged")
     g.add_argument("--n-saved", type=positive_int, default=d.n_saved, help="best checkpoints kept")
     g.add_argument("--save-every-iters", type=positive_int, default=d.save_every_iters,
                    help="also save last_*.pt every N iterations (mid-epoch, exact resume)")
-    g.add_argument("--log-every", type=non_negative_int, default=d.log_every, help="batch lines every N batches (0: none)")
+    g.add_argument("--log-every", type=non_negative_int, default=d.log_every,
+                   help="batch lines every N batches (0: none)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a terminal)")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     g.add_argument("--tb-histograms", action="store_true", help="weight and gradient histograms (cost time)")

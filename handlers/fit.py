@@ -29,9 +29,9 @@ from engine import (
     resolve_device,
 )
 from handlers.metrics import SampleCount
-from handlers.run import RunResult, attach_run
+from handlers.run import Run, RunResult, attach_run
 
-__all__ = ["fit", "make_loaders", "make_optimizer", "run_device"]
+__all__ = ["build_run", "fit", "make_loaders", "make_optimizer", "run_device"]
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 
@@ -65,7 +65,7 @@ def _as_tensors(data: Data, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if len(data) == 0:
         raise ConfigError(f"the {name} set is empty: there is nothing to train or evaluate on")
     samples = [data[i] for i in range(len(data))]  # once: every later epoch slices tensors
-    return torch.stack([torch.as_tensor(x) for x, _ in samples]), torch.as_tensor([y for _, y in samples])
+    return torch.stack([torch.as_tensor(x) for x, _ in samples]), torch.stack([torch.as_tensor(y) for _, y in samples])
 
 
 def _as_dataset(data: Data, name: str) -> Dataset:
@@ -105,7 +105,7 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
     return train_loader, DataLoader(val_set, batch_size=settings.val_batch_size, shuffle=False, **kw)
 
 
-def fit(
+def build_run(
     model: nn.Module,
     train: Data,
     val: Data,
@@ -120,28 +120,10 @@ def fit(
     denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     name: str = "run",
     extra_config: Mapping[str, Any] | None = None,
-) -> RunResult:
-    """Train ``model`` on ``train``, validating on ``val``, with every default handler; run to the end.
-
-    Args:
-        model: any ``nn.Module``; moved to ``settings.device`` (DDP-wrapped in a distributed run).
-        train, val: a ``Dataset`` of ``(input, target)`` or a pair of tensors ``(inputs, targets)``.
-        settings: :class:`engine.RunSettings` (default: all defaults).
-        loss_fn: default cross-entropy (with ``settings.label_smoothing``) for classification, else MSE.
-        optimizer: default from ``settings`` (:func:`make_optimizer`).
-        classification: ``False`` for regression or anything else without class labels: no accuracy,
-            confusion matrix or misclassified images, and ``monitor`` defaults to ``val_loss`` (``min``).
-        metrics: more validation metrics (Ignite ``Metric`` s on ``(y_pred, y)``), as ``val_<name>``.
-        handlers: your handlers, attached after ours (see :func:`handlers.run.attach_run`).
-        to_save: more objects with ``state_dict`` to keep in every checkpoint.
-        denormalize: maps normalised inputs back to [0, 1] for TensorBoard images.
-        name: default folder name, ``runs/<name>-<timestamp>``.
-
-    Seed the global RNG (``seed_everything(settings.seed)``) before building the model for a run
-    that repeats bit for bit; the command-line layer does it before calling your function.
-
-    Returns:
-        :class:`handlers.run.RunResult`: history, best row, best/last checkpoint paths, exit code.
+) -> Run:
+    """Everything :func:`fit` does up to ``trainer.run``: the :class:`handlers.run.Run`, whose
+    ``trainer``, ``evaluator`` and handlers you can still change before ``run.run()``.
+    The arguments are :func:`fit`'s.
     """
     settings = (settings or RunSettings()).check()
     if settings.threads:
@@ -168,11 +150,36 @@ def fit(
     val_metrics.update({**(metrics or {}), "samples": SampleCount()})
     evaluator = create_evaluator(eval_model, val_metrics, device=device, amp=settings.amp,
                                  channels_last=settings.channels_last)
-    run = attach_run(trainer, evaluator, train_loader=train_loader, val_loader=val_loader, settings=settings,
-                     to_save={"model": model, "optimizer": optimizer, **(to_save or {})},
-                     classification=classification, handlers=handlers, denormalize=denormalize, name=name,
-                     extra_config={"device": str(device), **(extra_config or {})})
-    return run.run()
+    return attach_run(trainer, evaluator, train_loader=train_loader, val_loader=val_loader, settings=settings,
+                      to_save={"model": model, "optimizer": optimizer, **(to_save or {})},
+                      classification=classification, handlers=handlers, denormalize=denormalize, name=name,
+                      extra_config={"device": str(device), **(extra_config or {})})
+
+
+def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None = None, **options: Any) -> RunResult:
+    """Train ``model`` on ``train``, validating on ``val``, with every default handler; run to the end.
+
+    Args:
+        model: any ``nn.Module``; moved to ``settings.device`` (DDP-wrapped in a distributed run).
+        train, val: a ``Dataset`` of ``(input, target)`` or a pair of tensors ``(inputs, targets)``.
+        settings: :class:`engine.RunSettings` (default: all defaults).
+        loss_fn: default cross-entropy (with ``settings.label_smoothing``) for classification, else MSE.
+        optimizer: default from ``settings`` (:func:`make_optimizer`).
+        classification: ``False`` for regression or anything else without class labels: no accuracy,
+            confusion matrix or misclassified images, and ``monitor`` defaults to ``val_loss`` (``min``).
+        metrics: more validation metrics (Ignite ``Metric`` s on ``(y_pred, y)``), as ``val_<name>``.
+        handlers: your handlers, attached after ours (see :func:`handlers.run.attach_run`).
+        to_save: more objects with ``state_dict`` to keep in every checkpoint.
+        denormalize: maps normalised inputs back to [0, 1] for TensorBoard images.
+        name: default folder name, ``runs/<name>-<timestamp>``.
+
+    Seed the global RNG (``seed_everything(settings.seed)``) before building the model for a run
+    that repeats bit for bit; the command-line layer does it before calling your function.
+
+    Returns:
+        :class:`handlers.run.RunResult`: history, best row, best/last checkpoint paths, exit code.
+    """
+    return build_run(model, train, val, settings, **options).run()
 
 
 def _unsmoothed(loss_fn: Callable) -> Callable:

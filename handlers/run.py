@@ -33,10 +33,12 @@ from handlers.nan_guard import NanGuard
 from handlers.progress import Progress, progress_wanted
 from handlers.rng import RNGState
 from handlers.signals import GracefulStop
-from handlers.tensorboard import TensorBoardLogging
+from handlers.tensorboard import MisclassifiedCollector, TensorBoardLogging
 from handlers.validation import Validation
 
 __all__ = ["Run", "RunResult", "attach_run", "check_output_dir", "data_order"]
+
+_IMPORTED = time.perf_counter()  # about when the process started: the summary line counts from here
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Run:
         self.trainer, self.evaluator, self.train_loader = trainer, evaluator, train_loader
         self.settings, self.output_dir, self.classification = settings, output_dir, classification
         self.monitor, self.mode = settings.watched(classification)
-        self.started = time.perf_counter()
+        self.started = _IMPORTED
         self.lock: RunLock | None = None
         self.tensorboard: TensorBoardLogging | None = None
         self.config: dict[str, Any] = {}
@@ -219,13 +221,17 @@ def attach_run(
             run.config["resumed_from"] = str(run.resumed_from)
         if rank == 0:
             write_json_atomic(out / "config.json", run.config)
-        if settings.tensorboard and rank == 0:  # after the resume: it purges what came after the checkpoint
+        # every rank collects (the counts are summed over ranks); rank 0 writes, after the resume,
+        # purging what a killed run logged after its checkpoint
+        collector = MisclassifiedCollector().attach(evaluator) if settings.tensorboard and classification else None
+        if settings.tensorboard and rank == 0:
             iteration = trainer.state.iteration
             run.tensorboard = TensorBoardLogging(
-                out / "tb", log_every=settings.log_every, lr=lambda: run.lr_schedule.lr, images=classification,
-                model=to_save["model"], histograms=settings.tb_histograms, purge_step=iteration + 1 if iteration else None,
+                out / "tb", log_every=settings.log_every, lr=lambda: run.lr_schedule.lr, collector=collector,
+                model=to_save["model"], histograms=settings.tb_histograms,
+                purge_step=iteration + 1 if iteration else None,
                 denormalize=denormalize, history=run.history, images_every=settings.tb_images_every,
-            ).attach(trainer, evaluator)
+            ).attach(trainer)
     except BaseException:
         if run.lock is not None:
             run.lock.release()

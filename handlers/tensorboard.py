@@ -86,12 +86,17 @@ class MisclassifiedCollector:
         index = (y * self.num_classes + pred).cpu()
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
         room = self.limit - len(self.images)
-        if room > 0:
+        x = engine.state.batch[0]
+        if room > 0 and _is_image_batch(x):
             wrong = (pred != y).nonzero().flatten()[:room].cpu()
-            x = engine.state.batch[0]
             for i in wrong.tolist():
-                self.images.append(x[i].detach().float().cpu())
+                self.images.append(x[i].detach().float().cpu().reshape(-1, *x.shape[-2:]))
                 self.labels.append((int(pred[i]), int(y[i])))
+
+
+def _is_image_batch(x: torch.Tensor) -> bool:
+    """(N, H, W) grey, or (N, C, H, W) with 1 or 3 channels: something to show as pictures."""
+    return x.dim() == 3 or (x.dim() == 4 and x.shape[1] in (1, 3))
 
 
 class TensorBoardLogging:
@@ -101,8 +106,9 @@ class TensorBoardLogging:
         log_dir: the run's ``tb/`` folder.
         log_every: iterations between per-iteration scalars (0: none).
         lr: callable giving the current learning rate.
-        images: classification only: the confusion matrix and misclassified samples of the validations
-            (a :class:`MisclassifiedCollector` on the evaluator given to :meth:`attach`).
+        collector: a :class:`MisclassifiedCollector` attached to the evaluator (classification: the
+            confusion matrix and misclassified samples of the validations), or ``None``. In a
+            distributed run it must be attached on every rank (it sums over them), this logger on rank 0.
         model: for weight and gradient histograms when ``histograms`` (they cost time).
         purge_step: on resume, the first iteration to keep from the new run (checkpoint iteration + 1).
         history: the run's :class:`History`, whose row for the epoch gives time and throughput.
@@ -115,7 +121,7 @@ class TensorBoardLogging:
         *,
         log_every: int = 50,
         lr: Callable[[], float] | None = None,
-        images: bool = True,
+        collector: MisclassifiedCollector | None = None,
         model: nn.Module | None = None,
         histograms: bool = False,
         purge_step: int | None = None,
@@ -133,7 +139,7 @@ class TensorBoardLogging:
         self.log_dir = Path(log_dir)
         self.log_every = log_every
         self.lr = lr
-        self.collector = MisclassifiedCollector() if images else None
+        self.collector = collector
         self.model = model
         self.histograms = histograms
         self.denormalize = denormalize
@@ -142,12 +148,7 @@ class TensorBoardLogging:
         self.logger = TensorboardLogger(log_dir=str(self.log_dir), purge_step=purge_step, flush_secs=flush_secs)
         self.writer = self.logger.writer
 
-    def attach(self, trainer: Engine, evaluator: Engine | None = None) -> "TensorBoardLogging":
-        """Log the trainer's figures; with ``evaluator`` (and ``images``), its confusion matrix and errors."""
-        if self.collector is not None and evaluator is not None:
-            self.collector.attach(evaluator)
-        else:
-            self.collector = None
+    def attach(self, trainer: Engine) -> "TensorBoardLogging":
         if self.log_every:
             trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self.log_iteration)
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self.log_epoch, Stage.LOGGING)

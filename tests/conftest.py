@@ -1,7 +1,15 @@
-"""Shared fixtures: the real MNIST from $MNIST_ROOT (or ../shared/data), and the example script."""
+"""Shared fixtures: the real MNIST, found where a user keeps it (or downloaded once), and the example script.
+
+Where the tests look, in order: ``$MNIST_ROOT``, ``../shared/data`` beside the checkout, ``./data``
+(the script's default ``--data-dir``). Found nowhere, torchvision downloads it into ``./data`` once;
+when that fails too, the tests that need it are skipped (a failure under ``CI=true``) and the
+session ends with one line saying how many and how to provide the data.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -11,25 +19,62 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "train_mnist.py"
+MNIST_FILES = [f"{p}-{k}-idx{3 if k == 'images' else 1}-ubyte" for p in ("train", "t10k") for k in ("images", "labels")]
+_found: dict[str, object] = {}  # "root": Path or None, "reason": why not, once per session
+_skipped: list[str] = []
 
 
-def _mnist_root() -> Path | None:
-    for candidate in (os.environ.get("MNIST_ROOT"), ROOT.parent / "shared" / "data"):
-        if candidate and (Path(candidate) / "MNIST" / "raw").is_dir():
+def _holds_mnist(folder: Path) -> bool:
+    raw = folder / "MNIST" / "raw"
+    return all((raw / name).is_file() for name in MNIST_FILES)
+
+
+def find_mnist() -> Path | None:
+    """The first folder holding all of MNIST/raw: $MNIST_ROOT, ../shared/data, ./data."""
+    for candidate in (os.environ.get("MNIST_ROOT"), ROOT.parent / "shared" / "data", ROOT / "data"):
+        if candidate and _holds_mnist(Path(candidate)):
             return Path(candidate).resolve()
     return None
 
 
+def _download() -> tuple[Path | None, str]:
+    """torchvision's download into ./data, as `make train` does; (folder or None, why not)."""
+    import torchvision
+
+    target = ROOT / "data"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            for train in (True, False):
+                torchvision.datasets.MNIST(str(target), train=train, download=True)
+    except Exception as exc:  # offline, proxy, disk
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+    return (target.resolve(), "") if _holds_mnist(target) else (None, "the download left no MNIST/raw")
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    """The folder holding MNIST/raw. Missing: skipped locally, a failure under CI=true."""
-    root = _mnist_root()
-    if root is None:
-        message = "MNIST not found: set MNIST_ROOT to a folder holding MNIST/raw"
+    """The folder holding MNIST/raw. Nowhere and not downloadable: skipped locally, a failure under CI=true."""
+    if "root" not in _found:
+        root = find_mnist()
+        reason = ""
+        if root is None:
+            root, reason = _download()
+        _found.update(root=root, reason=reason)
+    if _found["root"] is None:
+        message = f"MNIST not found and not downloadable ({_found['reason']})"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
+        _skipped.append(message)
         pytest.skip(message)
-    return root
+    return _found["root"]  # type: ignore[return-value]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _skipped:
+        terminalreporter.write_line(
+            f"{len(_skipped)} tests skipped for want of MNIST: put the four IDX files in ./data/MNIST/raw "
+            f"(or set MNIST_ROOT to a folder holding MNIST/raw), or run once where the download works",
+            yellow=True, bold=True)
 
 
 def run_script(*args: str, mnist: Path | None, timeout: float = 600, env: dict | None = None, cwd=None):

@@ -1,0 +1,50 @@
+"""Each private attribute of Ignite or tensorboardX that we use, against the installed versions:
+a release that renames one fails here, loudly, instead of breaking runs quietly."""
+
+from __future__ import annotations
+
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboardX import SummaryWriter
+from torch import nn
+
+from handlers.adapters import checkpoint_items, exception_handler_count, flush_tensorboardx, set_checkpoint_items
+
+
+def test_checkpoint_items_are_ignites_saved_files(tmp_path):
+    trainer = Engine(lambda e, b: None)
+    ckpt = Checkpoint({"model": nn.Linear(2, 2)}, str(tmp_path), n_saved=2)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, ckpt)
+    trainer.run([0], max_epochs=3)
+    items = checkpoint_items(ckpt)
+    assert [i.filename for i in items] == ["model_2.pt", "model_3.pt"]
+    assert str(ckpt.last_checkpoint).endswith(items[-1].filename)
+    set_checkpoint_items(ckpt, [(items[0].priority, items[0].filename)])
+    assert str(ckpt.last_checkpoint).endswith("model_2.pt")
+
+
+def test_exception_handler_count_follows_add_event_handler():
+    engine = Engine(lambda e, b: None)
+    assert exception_handler_count(engine) == 0
+    engine.add_event_handler(Events.EXCEPTION_RAISED, lambda e, exc: None)
+    assert exception_handler_count(engine) == 1
+
+
+def test_flush_gets_queued_events_into_the_file_with_the_writer_open(tmp_path):
+    writer = SummaryWriter(str(tmp_path), flush_secs=600, max_queue=1000)
+    events = writer._get_file_writer().event_writer
+    assert hasattr(events._worker, "stop") and not events._closed  # the internals flush_tensorboardx uses
+    try:
+        for step in range(5):
+            writer.add_scalar("x", float(step), step)
+        flush_tensorboardx(writer)
+        acc = EventAccumulator(str(tmp_path))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("x")] == list(range(5))
+        writer.add_scalar("x", 5.0, 5)  # the restarted thread still writes
+        flush_tensorboardx(writer)
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("x")] == list(range(6))
+    finally:
+        writer.close()

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "train_mnist.py"
 MNIST_FILES = [f"{p}-{k}-idx{3 if k == 'images' else 1}-ubyte" for p in ("train", "t10k") for k in ("images", "labels")]
 _found: dict[str, object] = {}  # "root": Path or None, "reason": why not, once per session
-_skipped: list[str] = []
+NOT_FOUND = "MNIST not found and not downloadable"
 
 
 def _holds_mnist(folder: Path) -> bool:
@@ -61,18 +61,19 @@ def mnist_root() -> Path:
             root, reason = _download()
         _found.update(root=root, reason=reason)
     if _found["root"] is None:
-        message = f"MNIST not found and not downloadable ({_found['reason']})"
+        message = f"{NOT_FOUND} ({_found['reason']})"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
-        _skipped.append(message)
         pytest.skip(message)
     return _found["root"]  # type: ignore[return-value]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    if _skipped:
+    reasons = [str(getattr(r, "longrepr", "")) for r in terminalreporter.stats.get("skipped", [])]
+    skipped = sum(NOT_FOUND in reason for reason in reasons)
+    if skipped:
         terminalreporter.write_line(
-            f"{len(_skipped)} tests skipped for want of MNIST: put the four IDX files in ./data/MNIST/raw "
+            f"{skipped} tests skipped for want of MNIST: put the four IDX files in ./data/MNIST/raw "
             f"(or set MNIST_ROOT to a folder holding MNIST/raw), or run once where the download works",
             yellow=True, bold=True)
 

@@ -8,6 +8,7 @@ from handlers.checkpoint import (
     last_checkpoints,
     load_checkpoint,
     restore,
+    verify_checkpoint,
 )
 from handlers.console import ConsoleLogger, write_line
 from handlers.early_stopping import EarlyStopping
@@ -56,6 +57,7 @@ __all__ = [
     "progress_wanted",
     "restore",
     "seed_everything",
+    "verify_checkpoint",
     "write_json_atomic",
     "write_line",
 ]

@@ -207,7 +207,7 @@ def attach_run(
     resume_state = None
     if settings.resume not in (None, "auto"):
         path = Path(settings.resume)
-        resume_state = (path, load_checkpoint(path))  # a bad file fails here, before any work
+        resume_state = (path, load_checkpoint(path, log=write_line))  # a bad file fails here, before any work
     run = Run(trainer, evaluator, train_loader, settings, out, classification)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from engine import CheckpointError
 from handlers import load_checkpoint
 from tests.conftest import SCRIPT, run_script
+from tests.test_integrity import flip_tensor_bit
 from tests.test_train_mnist import QUICK, figures, final_weights, history, kill_when
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,8 @@ def test_stop_signal_saves_mid_epoch_and_resume_is_bit_exact(mnist_root, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_save_every_iters_then_sigkill_resumes_mid_epoch_exactly(mnist_root, tmp_path):
+@pytest.mark.parametrize("damage_newest", [False, True])
+def test_save_every_iters_then_sigkill_resumes_mid_epoch_exactly(mnist_root, tmp_path, damage_newest):
     args = [*QUICK, "--epochs", "2", "--save-every-iters", "7", "--seed", "1"]
     straight = tmp_path / "straight"
     assert run_script(*args, "--output-dir", str(straight), mnist=mnist_root).returncode == 0
@@ -60,8 +62,13 @@ def test_save_every_iters_then_sigkill_resumes_mid_epoch_exactly(mnist_root, tmp
     assert code == -signal.SIGKILL, output
     names = sorted(p.name for p in (killed / "checkpoints").glob("last_*.pt"))
     assert len(names) == 2 and "last_iter=49.pt" in names  # rotation keeps the two newest
+    if damage_newest:  # one flipped bit inside a tensor, same length: torch.load would not notice
+        flip_tensor_bit(killed / "checkpoints" / "last_iter=49.pt")
     resumed = run_script(*args, "--output-dir", str(killed), "--resume", "auto", mnist=mnist_root)
-    assert resumed.returncode == 0 and "iteration 49)" in resumed.stdout, resumed.stdout + resumed.stderr
+    at = 42 if damage_newest else 49
+    assert resumed.returncode == 0 and f"iteration {at})" in resumed.stdout, resumed.stdout + resumed.stderr
+    if damage_newest:
+        assert "Skipping last_iter=49.pt: " in resumed.stdout and "is damaged" in resumed.stdout
     assert figures(history(killed)) == figures(history(straight))
     a, b = final_weights(straight), final_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -8,12 +8,12 @@ leaves nothing). No state with a non-finite parameter is ever written.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import ignite.distributed as idist
 import torch
@@ -21,22 +21,32 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
-from engine.errors import CheckpointError, CheckpointSaveError
+from engine.errors import CheckpointSaveError
 from handlers.adapters import checkpoint_items, set_checkpoint_items
+from handlers.checkpoint.loading import (
+    FORMAT,
+    INTEGRITY,
+    VERSION,
+    find_resume_checkpoint,
+    last_checkpoints,
+    load_checkpoint,
+    restore,
+    verify_checkpoint,
+)
 from handlers.ordering import Stage, attach_ordered
 
 __all__ = [
     "FORMAT",
+    "VERSION",
     "SafeDiskSaver",
     "TrainingCheckpoint",
     "find_resume_checkpoint",
+    "last_checkpoints",
     "load_checkpoint",
     "restore",
+    "verify_checkpoint",
 ]
 
-FORMAT = "ignite-trainer-checkpoint"
-VERSION = 1
-_LAST_RE = re.compile(r"^last_iter=(\d+)\.pt$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -52,6 +62,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _crc32_on() -> Iterator[None]:
+    """torch's zip writer stores a CRC-32 per record unless switched off globally: our files always have them."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    if get is None:  # a torch without the switch always writes them
+        yield
+        return
+    before = get()
+    torch.serialization.set_crc32_options(True)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
 class SafeDiskSaver(DiskSaver):
     """Ignite's ``DiskSaver``, made crash-safe: temp file, fsync, ``os.replace``, fsync the directory,
     and removals deferred until the new file is in place. A failed save leaves no temp file."""
@@ -63,7 +88,7 @@ class SafeDiskSaver(DiskSaver):
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
         fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".pt.part", dir=self.dirname)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb") as f, _crc32_on():
                 func(checkpoint, f, **self.kwargs)
                 f.flush()
                 os.fsync(f.fileno())
@@ -89,8 +114,15 @@ class SafeDiskSaver(DiskSaver):
 
 
 class _Meta:
+    """The file's own description: format and version, how it is verified, the watched metric then."""
+
+    def __init__(self, trainer: Engine, metric: str) -> None:
+        self.trainer, self.metric = trainer, metric
+
     def state_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION}
+        score = self.trainer.state.metrics.get(self.metric)
+        score = float(score) if isinstance(score, (int, float)) or hasattr(score, "item") else None
+        return {"format": FORMAT, "version": VERSION, "integrity": INTEGRITY, "metric": self.metric, "score": score}
 
 
 class _Bookkeeping:
@@ -161,7 +193,7 @@ class TrainingCheckpoint:
         self.trainer: Engine = to_save["trainer"]
         self.skip_if = skip_if
         self.saver = SafeDiskSaver(self.dirname)
-        base = {**to_save, "meta": _Meta()}
+        base = {**to_save, "meta": _Meta(self.trainer, metric)}
         other_of_best, other_of_last = _Bookkeeping(), _Bookkeeping()
         sign = 1.0 if mode == "max" else -1.0
         self.best = Checkpoint(
@@ -246,98 +278,3 @@ class TrainingCheckpoint:
         set_checkpoint_items(theirs, [(p, f) for p, f in other["saved"]])
         for ckpt in (self.best, self.last):
             set_checkpoint_items(ckpt, [i for i in checkpoint_items(ckpt) if (self.dirname / i.filename).exists()])
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only``: no code in the file can run) and check it is ours.
-
-    Raises:
-        CheckpointError: missing, truncated, corrupt, unsafe, or not a checkpoint of this project.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the save was cut off")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for bad bytes: pickle, zip, runtime errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            reason = "it holds objects other than tensors and plain data, which are refused for safety"
-        raise CheckpointError(f"checkpoint {path} cannot be read ({reason[:200]})") from None
-    meta = data.get("meta") if isinstance(data, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no {FORMAT!r} marker)")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')}, this code reads {VERSION}")
-    missing = [k for k in ("model", "trainer") if k not in data]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}")
-    return data
-
-
-def last_checkpoints(dirname: str | Path) -> list[Path]:
-    """``last_iter=*.pt`` files in ``dirname``, newest (highest iteration) first."""
-    dirname = Path(dirname)
-    if not dirname.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in dirname.iterdir() if (m := _LAST_RE.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def find_resume_checkpoint(dirname: str | Path, log: Callable[[str], None] = print) -> tuple[Path, dict] | None:
-    """The newest valid ``last_*.pt`` and its contents; invalid newer files are skipped with a line each.
-
-    Returns ``None`` if there is no ``last_*.pt`` at all. Raises :class:`CheckpointError` if there
-    are some but none is valid.
-    """
-    candidates = last_checkpoints(dirname)
-    if not candidates:
-        return None
-    errors = []
-    for path in candidates:
-        try:
-            return path, load_checkpoint(path)
-        except CheckpointError as exc:
-            errors.append(str(exc))
-            log(f"Skipping {path.name}: {exc}; trying an older checkpoint")
-    raise CheckpointError(f"no valid checkpoint in {dirname}: " + "; ".join(errors))
-
-
-def restore(to_load: Mapping[str, Any], checkpoint: Mapping[str, Any], path: str | Path) -> None:
-    """Load each object of ``to_load`` from ``checkpoint``; a mismatch becomes one clear error."""
-    missing = [k for k in to_load if k not in checkpoint]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}: it was made with other settings")
-    model_state = checkpoint["model"]
-    model = to_load.get("model")
-    if model is not None:
-        _check_model_state(model, model_state, path)
-    for key, obj in to_load.items():
-        try:
-            obj.load_state_dict(checkpoint[key])
-        except CheckpointError:
-            raise
-        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"checkpoint {path}: cannot restore {key!r} ({first[:200]})") from None
-
-
-def _check_model_state(model: nn.Module, state: Any, path: str | Path) -> None:
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"checkpoint {path}: 'model' is not a state dict")
-    own = model.state_dict()
-    for name, tensor in own.items():
-        if name not in state:
-            raise CheckpointError(f"checkpoint {path} is for another model: it has no tensor {name!r}")
-        other = state[name]
-        if not isinstance(other, torch.Tensor) or other.shape != tensor.shape:
-            shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
-            raise CheckpointError(
-                f"checkpoint {path} is for another model: tensor {name!r} has shape {shape}, "
-                f"this model needs {tuple(tensor.shape)}"
-            )
-    extra = [k for k in state if k not in own]
-    if extra:
-        raise CheckpointError(f"checkpoint {path} is for another model: unexpected tensor {extra[0]!r}")

@@ -22,9 +22,10 @@ from pathlib import Path
 from common import ROOT, machine, mnist_root
 
 SETTINGS = {
-    "default (channels-last on)": [],
-    "--no-channels-last": ["--no-channels-last"],
+    "default (channels-last, --amp auto)": [],
+    "--amp fp32": ["--amp", "fp32"],
     "--amp bf16": ["--amp", "bf16"],
+    "--no-channels-last": ["--no-channels-last"],
     "--threads 1": ["--threads", "1"],
     "--compile": ["--compile"],
 }
@@ -53,8 +54,8 @@ def main() -> None:
                     print(f"round {r + 1}: {name}: {results[name][-1]:,.0f} samples/s", flush=True)
                 except Exception as exc:  # an option that does not work here is reported, not fatal
                     print(f"round {r + 1}: {name}: failed ({type(exc).__name__}: {str(exc)[:120]})", flush=True)
-    base = statistics.median(results["default (channels-last on)"])
-    best_name, best = "default (channels-last on)", 1.0
+    base = statistics.median(results["default (channels-last, --amp auto)"])
+    best_name, best = "default (channels-last, --amp auto)", 1.0
     for name, values in results.items():
         if values:
             ratio = statistics.median(values) / base

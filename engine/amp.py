@@ -1,17 +1,21 @@
-"""Mixed-precision helpers shared by the trainer and the evaluator."""
+"""Mixed precision: autocast and ``GradScaler`` for the trainer and the evaluator, and which reduced
+precision the hardware computes natively (``amp="auto"`` picks bf16 only there)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+import platform
+from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, param
 
-__all__ = ["AMP_DTYPES", "autocast_context", "make_grad_scaler"]
+__all__ = ["AMP_DTYPES", "autocast_context", "make_grad_scaler", "native_precisions", "resolve_amp"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_CPU_NATIVE = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
 
 
 def _check_amp(amp: str | None) -> None:
@@ -33,3 +37,54 @@ def make_grad_scaler(device: torch.device, amp: str | None) -> torch.amp.GradSca
     if amp != "fp16":
         return None
     return torch.amp.GradScaler(device.type)
+
+
+def cpu_flags() -> tuple[str, set[str]]:
+    """(CPU model name, feature flags) from /proc/cpuinfo; empty where there is none (not Linux)."""
+    info = Path("/proc/cpuinfo")
+    text = info.read_text(errors="replace") if info.is_file() else ""
+    model, flags = platform.processor() or platform.machine(), set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    return model, flags
+
+
+def native_precisions(device: torch.device) -> dict[str, str]:
+    """Reduced precisions ``device`` computes natively, each with the feature that says so:
+    CUDA (fp16; bf16 where ``torch.cuda.is_bf16_supported`` without emulation), CPUs with
+    AVX512-BF16 / AMX-BF16 (bf16) or AVX512-FP16 / AMX-FP16 (fp16). Anything else emulates them."""
+    if device.type == "cuda":
+        found = {"fp16": torch.cuda.get_device_name(device)}
+        try:
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # an older torch without the argument
+            bf16 = torch.cuda.is_bf16_supported()
+        if bf16:
+            found["bf16"] = found["fp16"]
+        return found
+    if device.type == "cpu":
+        _, flags = cpu_flags()
+        return {amp: feature for amp, features in _CPU_NATIVE.items() for feature in features if feature in flags}
+    return {}
+
+
+def resolve_amp(amp: str | None, device: torch.device, log: Callable[[str], None] = print) -> str | None:
+    """The precision to run: ``"auto"`` is bf16 where the hardware computes it natively, else full
+    precision (``None``); an explicit ``"bf16"``/``"fp16"`` it would emulate runs, after one warning line."""
+    if amp is None or amp == "fp32":
+        return None
+    if amp == "auto":
+        return "bf16" if "bf16" in native_precisions(device) else None
+    _check_amp(amp)
+    if amp not in native_precisions(device):
+        where = cpu_flags()[0] if device.type == "cpu" else device.type
+        features = " or ".join(f.upper().replace("_", "-") for f in _CPU_NATIVE[amp]) if device.type == "cpu" else ""
+        why = f"it has no {features}" if features else f"{device.type} has no native {amp} path here"
+        log(f"warning: {param('amp', amp)} will likely be slower than full precision on {where}: {why}, "
+            f"so {amp} is emulated ({param('amp', 'auto')} picks what is native)")
+    return amp

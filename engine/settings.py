@@ -37,7 +37,9 @@ class RunSettings:
         handlers: ``val_every``, ``patience`` (0: off), ``min_delta``, ``early_stop_warmup``,
             ``n_saved``, ``save_every_iters``, ``log_every``, ``progress``, ``tensorboard``,
             ``tb_histograms``, ``tb_images_every``.
-        engine: ``seed``, ``device``, ``amp``, ``accumulation_steps``, ``clip_grad_norm``,
+        engine: ``seed``, ``device``, ``amp`` (``None`` or ``"fp32"``: full precision; ``"auto"``: bf16
+            where the hardware computes it natively, else fp32; ``"bf16"``, ``"fp16"``),
+            ``accumulation_steps``, ``clip_grad_norm``,
             ``channels_last``, ``compile``, ``threads``.
         distributed: ``nproc_per_node`` (spawn that many processes here), ``backend``.
     """
@@ -104,7 +106,7 @@ class RunSettings:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{param(name)} must be a finite number >= 0, got {value!r}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("data_path", DATA_PATHS),
-                              ("amp", (None, "bf16", "fp16")), ("backend", (None, "gloo", "nccl")),
+                              ("amp", (None, "fp32", "auto", "bf16", "fp16")), ("backend", (None, "gloo", "nccl")),
                               ("mode", (None, "min", "max"))):  # fmt: skip
             if getattr(self, name) not in allowed:
                 shown = ", ".join(str(a) for a in allowed)

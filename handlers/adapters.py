@@ -6,12 +6,16 @@ that renames one of these attributes fails that test loudly instead of breaking 
 
 from __future__ import annotations
 
+import io
 from typing import Any
+
+import torch
 
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-__all__ = ["checkpoint_items", "exception_handler_count", "flush_tensorboardx", "set_checkpoint_items"]
+__all__ = ["add_image_fast", "checkpoint_items", "exception_handler_count", "flush_tensorboardx",
+           "set_checkpoint_items"]
 
 
 def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
@@ -46,3 +50,18 @@ def flush_tensorboardx(writer: Any) -> None:
     events._ev_writer.flush()
     events._worker = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
     events._worker.start()
+
+
+def add_image_fast(writer: Any, tag: str, image: torch.Tensor, step: int) -> None:
+    """``writer.add_image(tag, image, step)`` for a (3, H, W) uint8 image, at a fraction of the cost:
+    tensorboardX resamples the image to its own size (LANCZOS) and encodes the PNG at the default
+    level; here it is encoded once, at PNG level 1 (lossless all the same), into the same record."""
+    from PIL import Image
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    pixels = image.permute(1, 2, 0).contiguous().cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    height, width, channels = pixels.shape
+    record = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue())
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=record)]), step)

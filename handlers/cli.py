@@ -110,7 +110,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings | N
     g.add_argument("--num-workers", type=non_negative_int, default=d.num_workers, help="DataLoader workers")
     g.add_argument("--limit-train-batches", type=positive_int, default=d.limit_train_batches,
                    help="cap training batches per epoch")
-    g.add_argument("--amp", choices=["bf16", "fp16"], default=d.amp, help="mixed precision")
+    g.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], default=d.amp,
+                   help="precision; auto: bf16 where the hardware computes it natively, else fp32")
     g.add_argument("--accumulation-steps", type=positive_int, default=d.accumulation_steps)
     g.add_argument("--clip-grad-norm", type=positive_float, default=d.clip_grad_norm)
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

@@ -28,6 +28,8 @@ from engine import (
     param,
     resolve_device,
 )
+from engine.amp import resolve_amp
+from handlers.console import write_line
 from handlers.metrics import SampleCount
 from handlers.run import Run, RunResult, attach_run
 
@@ -137,10 +139,11 @@ def build_run(
     optimizer = idist.auto_optim(optimizer or make_optimizer(settings, model))
     if loss_fn is None:
         loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing) if classification else nn.MSELoss()
+    amp = resolve_amp(settings.amp, device, log=write_line)
     train_model = idist.auto_model(model) if world > 1 else model  # DDP: gradients averaged over ranks
     run_model = torch.compile(train_model) if settings.compile else train_model
     eval_model = run_model if world == 1 else model  # no collectives in evaluation: shards may differ in size
-    trainer = create_trainer(run_model, optimizer, loss_fn, device=device, amp=settings.amp,
+    trainer = create_trainer(run_model, optimizer, loss_fn, device=device, amp=amp,
                              accumulation_steps=settings.accumulation_steps, clip_grad_norm=settings.clip_grad_norm,
                              grad_norm_every=settings.log_every if settings.tensorboard else 0,
                              channels_last=settings.channels_last)
@@ -148,12 +151,12 @@ def build_run(
     if classification:
         val_metrics["accuracy"] = Accuracy()
     val_metrics.update({**(metrics or {}), "samples": SampleCount()})
-    evaluator = create_evaluator(eval_model, val_metrics, device=device, amp=settings.amp,
+    evaluator = create_evaluator(eval_model, val_metrics, device=device, amp=amp,
                                  channels_last=settings.channels_last)
     return attach_run(trainer, evaluator, train_loader=train_loader, val_loader=val_loader, settings=settings,
                       to_save={"model": model, "optimizer": optimizer, **(to_save or {})},
                       classification=classification, handlers=handlers, denormalize=denormalize, name=name,
-                      extra_config={"device": str(device), **(extra_config or {})})
+                      extra_config={"device": str(device), "precision": amp or "fp32", **(extra_config or {})})
 
 
 def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None = None, **options: Any) -> RunResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 import ignite.distributed as idist
@@ -49,10 +50,14 @@ class NanGuard:
         self.triggered_at = None
 
     def __call__(self, engine: Engine) -> None:
+        if engine.state.output is None:
+            return
+        loss = float(self._loss(engine.state.output))
+        if math.isfinite(loss):  # the common case, one float per iteration; Ignite's handler decides the rest
+            return
         self._inner(engine)
-        if engine.should_terminate and self.triggered_at is None and engine.state.output is not None:
-            loss = float(self._loss(engine.state.output))
-            if loss != loss or loss in (float("inf"), float("-inf")):
+        if engine.should_terminate and self.triggered_at is None:
+            if not math.isfinite(loss):
                 self.triggered_at = (engine.state.epoch, engine.state.iteration)
                 self.log(
                     f"Stopped: the training loss became {loss} at epoch {engine.state.epoch}, "

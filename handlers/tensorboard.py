@@ -28,7 +28,7 @@ from ignite.handlers import TensorboardLogger
 from ignite.handlers.tensorboard_logger import GradsHistHandler, WeightsHistHandler
 from torch import nn
 
-from handlers.adapters import flush_tensorboardx
+from handlers.adapters import add_image_fast, flush_tensorboardx
 from handlers.history import History
 from handlers.images import confusion_matrix_image, labelled_grid
 from handlers.ordering import Stage, attach_ordered
@@ -176,13 +176,13 @@ class TensorBoardLogging:
                 self.writer.add_scalar(tag, float(value), epoch)
         validated = any(k.startswith("val_") for k in engine.state.metrics)
         if validated and self.collector is not None and self.collector.confusion.numel() and self._images_due(engine):
-            self.writer.add_image("val/confusion_matrix", confusion_matrix_image(self.collector.confusion), epoch)
+            add_image_fast(self.writer, "val/confusion_matrix", confusion_matrix_image(self.collector.confusion), epoch)
             if self.collector.images:
                 images = torch.stack(self.collector.images)
                 if self.denormalize is not None:
                     images = self.denormalize(images)
                 grid = labelled_grid(images, [f"p{p} t{t}" for p, t in self.collector.labels])
-                self.writer.add_image("val/misclassified", grid, epoch)
+                add_image_fast(self.writer, "val/misclassified", grid, epoch)
         self.flush()
 
     def flush(self) -> None:

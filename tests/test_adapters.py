@@ -48,3 +48,27 @@ def test_flush_gets_queued_events_into_the_file_with_the_writer_open(tmp_path):
         assert [e.step for e in acc.Scalars("x")] == list(range(6))
     finally:
         writer.close()
+
+
+def test_fast_images_read_back_as_tensorboardx_writes_them(tmp_path):
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from handlers.adapters import add_image_fast
+
+    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
+    writer = SummaryWriter(str(tmp_path))
+    try:
+        add_image_fast(writer, "fast", image, 7)
+        writer.add_image("slow", image, 7)
+    finally:
+        writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    fast, slow = acc.Images("fast")[0], acc.Images("slow")[0]
+    assert (fast.step, fast.width, fast.height) == (slow.step, slow.width, slow.height) == (7, 30, 20)
+    decoded = [np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")) for e in (fast, slow)]
+    assert (decoded[0] == image.permute(1, 2, 0).numpy()).all() and (decoded[0] == decoded[1]).all()

@@ -98,7 +98,7 @@ def tiny_disk(tmp_path):
     mount_point.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("a real full disk needs root to mount a small tmpfs")
-    size_kb = 700  # the first epoch's best + last fit; a third file does not
+    size_kb = 1700  # the first epoch's best + last (760 KB each) fit; a third file does not
     if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount_point)]).returncode:
         pytest.skip("mounting a tmpfs is not permitted here")
     yield mount_point

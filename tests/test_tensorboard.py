@@ -73,7 +73,7 @@ def test_hparams_hold_the_config_and_the_results(run_dir):
     content = acc.PluginTagToContent("hparams")
     sessions = [plugin_data_pb2.HParamsPluginData.FromString(v) for v in content.values()]
     start = next(s.session_start_info for s in sessions if s.HasField("session_start_info"))
-    assert start.hparams["batch_size"].number_value == 256 and start.hparams["model"].string_value == "fast"
+    assert start.hparams["batch_size"].number_value == 128 and start.hparams["model"].string_value == "fast"
     best = acc.Scalars("hparam/best_val_accuracy")[0].value
     history = json.loads((run_dir / "history.json").read_text())
     assert best == pytest.approx(max(r["val_accuracy"] for r in history))

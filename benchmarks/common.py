@@ -60,5 +60,10 @@ def quiet():
 
 
 def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+    """The CPU model, cores, the reduced precisions it computes natively, torch and its threads."""
+    from engine.amp import cpu_flags, native_precisions
+
+    model, _ = cpu_flags()
+    native = ", ".join(f"{k} ({v})" for k, v in native_precisions(torch.device("cpu")).items()) or "none"
+    return (f"{model or platform.machine()}, {os.cpu_count()} CPUs, native reduced precision: {native}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")

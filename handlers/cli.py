@@ -32,7 +32,7 @@ __all__ = ["OneLineParser", "add_run_arguments", "launch", "main", "run_parser",
 
 S = TypeVar("S", bound=RunSettings)
 PerProcess = Callable[[Any], "RunResult | int"]
-_NEGATED = {"download": "--no-download", "progress": "--no-progress", "tensorboard": "--no-tensorboard"}
+_NEGATED = ("download", "progress", "tensorboard")  # set by --no-<name>
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -134,7 +134,7 @@ def run_parser(description: str, defaults: RunSettings | None = None, data_env: 
 def flag_map(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Setting name -> the flag that sets it, for messages (``warmup_epochs`` -> ``--warmup-epochs``)."""
     flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
-    flags.update({name: flag for name, flag in _NEGATED.items() if flag.lstrip("-").replace("-", "_") in flags})
+    flags.update({name: flags["no_" + name] for name in _NEGATED if "no_" + name in flags})
     return flags
 
 
@@ -166,10 +166,21 @@ def _spawned(local_rank: int, per_process: PerProcess, settings: RunSettings, fl
         code = _guarded(lambda: _one_process(per_process, settings))
     if code:
         sys.exit(code)
+    _leave_together()
 
 
 def _ranked(local_rank: int, per_process: PerProcess, settings: RunSettings, codes: list) -> None:
     codes.append(_one_process(per_process, settings))
+    _leave_together()
+
+
+def _leave_together() -> None:
+    """Every rank waits here for the others before the process group is torn down: a rank that tore
+    its gloo group down while rank 0 was still writing the last records was seen to abort at exit."""
+    import ignite.distributed as idist
+
+    if idist.get_world_size() > 1:
+        idist.barrier()
 
 
 def _free_port() -> int:

@@ -57,10 +57,9 @@ class NanGuard:
             return
         self._inner(engine)
         if engine.should_terminate and self.triggered_at is None:
-            if not math.isfinite(loss):
-                self.triggered_at = (engine.state.epoch, engine.state.iteration)
-                self.log(
-                    f"Stopped: the training loss became {loss} at epoch {engine.state.epoch}, "
-                    f"iteration {engine.state.iteration}; no checkpoint was written from this state "
-                    f"(try a lower {param('lr')}, or {param('clip_grad_norm')})"
-                )
+            self.triggered_at = (engine.state.epoch, engine.state.iteration)
+            self.log(
+                f"Stopped: the training loss became {loss} at epoch {engine.state.epoch}, "
+                f"iteration {engine.state.iteration}; no checkpoint was written from this state "
+                f"(try a lower {param('lr')}, or {param('clip_grad_norm')})"
+            )

@@ -101,7 +101,9 @@ class Run:
         self.monitor, self.mode = settings.watched(classification)
         self.started = _IMPORTED
         self.lock: RunLock | None = None
+        self.stop: GracefulStop | None = None  # set with the other handlers by attach_run
         self.tensorboard: TensorBoardLogging | None = None
+        self.resumed_from: Path | None = None
         self.config: dict[str, Any] = {}
 
     @property
@@ -150,7 +152,8 @@ class Run:
 
     def close(self) -> None:
         """Put the signal handlers back, close TensorBoard, release the run folder (idempotent)."""
-        self.stop.uninstall()
+        if self.stop is not None:
+            self.stop.uninstall()
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.lock is not None:
@@ -233,10 +236,7 @@ def attach_run(
                 denormalize=denormalize, history=run.history, images_every=settings.tb_images_every,
             ).attach(trainer)
     except BaseException:
-        if run.lock is not None:
-            run.lock.release()
-        if hasattr(run, "stop"):
-            run.stop.uninstall()
+        run.close()
         raise
     return run
 
@@ -273,7 +273,6 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
 
 
 def _resume(run: Run, resume_state: tuple[Path, dict] | None) -> None:
-    run.resumed_from = None
     checkpoints = run.output_dir / "checkpoints"
     if run.settings.resume == "auto":
         resume_state = find_resume_checkpoint(checkpoints, log=write_line)

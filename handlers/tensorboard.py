@@ -79,7 +79,7 @@ class MisclassifiedCollector:
 
     def update(self, engine: Engine) -> None:
         y_pred, y = engine.state.output
-        if self.num_classes is None or self.confusion.shape[0] == 0:
+        if not self.confusion.numel():  # first batch: the logits say how many classes, unless given
             self.num_classes = self.num_classes or y_pred.shape[1]
             self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
         pred = y_pred.argmax(1)

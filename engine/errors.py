@@ -8,6 +8,7 @@ from typing import Any, Iterator, Mapping
 __all__ = [
     "EXIT_NAN",
     "EXIT_OK",
+    "EXIT_PEER",
     "EXIT_SAVE",
     "EXIT_USAGE",
     "CheckpointError",
@@ -18,6 +19,7 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_SAVE, EXIT_USAGE, EXIT_NAN = 0, 1, 2, 3  # and 128 + signal (130, 143) for a stop signal
+EXIT_PEER = 4  # another process of a distributed run died
 
 
 _flags: dict[str, str] = {}  # setting -> command-line flag, while a command-line layer runs

@@ -58,11 +58,12 @@ class TrainStep:
         self.grad_norm_every = grad_norm_every
         self.channels_last = channels_last
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._wrapped = _innermost(model)
         autocast_context(device, amp)  # validates ``amp`` now rather than at the first batch
 
     def __call__(self, engine: Engine, batch: Any) -> dict[str, Any]:
         model, optimizer, acc = self.model, self.optimizer, self.accumulation_steps
-        if not model.training:
+        if not self._wrapped.training:  # an evaluator switched the model (or the module inside DDP) to eval
             model.train()
         x, y = move_batch(batch, self.device, self.non_blocking)
         if self.channels_last and x.dim() == 4:
@@ -92,6 +93,18 @@ class TrainStep:
             else:
                 optimizer.step()
         return output
+
+
+def _innermost(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers: an
+    evaluator given that module switches it to eval without touching the wrapper's flag."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:

@@ -7,7 +7,8 @@
 ``main`` parses the flags into your settings dataclass (defaults, then ``presets[--preset]``, then the
 flags given), launches the processes (one; several under torchrun; ``--nproc-per-node N`` spawns N),
 and turns every way a run can end into an exit code with at most one line of ours on stderr:
-0 done, 1 a save failed, 2 bad input (flags, data, checkpoint), 3 a non-finite loss, 130/143 a stop signal.
+0 done, 1 a save failed, 2 bad input (flags, data, checkpoint), 3 a non-finite loss, 4 another process
+of the run died, 130/143 a stop signal.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 
-from engine.errors import EXIT_SAVE, EXIT_USAGE, CheckpointSaveError, ConfigError, flag_names, param
+from engine import distributed
+from engine.errors import EXIT_PEER, EXIT_SAVE, EXIT_USAGE, CheckpointSaveError, ConfigError, flag_names, param
 from engine.settings import OPTIMIZERS, SCHEDULERS, RunSettings
 from handlers.rng import seed_everything
 from handlers.run import RunResult
@@ -120,7 +123,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings | N
     g.add_argument("--threads", type=positive_int, default=d.threads, help="torch CPU threads")
     g = p.add_argument_group("distributed (or launch with torchrun)")
     g.add_argument("--nproc-per-node", type=positive_int, default=None,
-                   help="spawn this many processes here (idist.Parallel); --batch-size stays global")
+                   help="spawn this many processes here (as torchrun would); --batch-size stays global")
     g.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with CUDA, else gloo")
     return p
 
@@ -160,20 +163,6 @@ def _one_process(per_process: PerProcess, settings: RunSettings) -> int:
     return result.exit_code if isinstance(result, RunResult) else int(result or 0)
 
 
-def _spawned(local_rank: int, per_process: PerProcess, settings: RunSettings, flags: dict[str, str]) -> None:
-    """A process spawned by ``--nproc-per-node``: errors end it with our exit codes, as a script would."""
-    with flag_names(flags):
-        code = _guarded(lambda: _one_process(per_process, settings))
-    if code:
-        sys.exit(code)
-    _leave_together()
-
-
-def _ranked(local_rank: int, per_process: PerProcess, settings: RunSettings, codes: list) -> None:
-    codes.append(_one_process(per_process, settings))
-    _leave_together()
-
-
 def _leave_together() -> None:
     """Every rank waits here for the others before the process group is torn down: a rank that tore
     its gloo group down while rank 0 was still writing the last records was seen to abort at exit."""
@@ -181,6 +170,62 @@ def _leave_together() -> None:
 
     if idist.get_world_size() > 1:
         idist.barrier()
+
+
+def _in_group(per_process: PerProcess, settings: RunSettings, backend: str, quiet: bool = False) -> int:
+    """One rank of a launched run: join the group, train, leave together. Another rank dying ends
+    this one with one line naming it (none with ``quiet``: the spawning parent says it) and
+    :data:`EXIT_PEER`, without a traceback."""
+    distributed.init_process_group(backend)
+    try:
+        code = _one_process(per_process, settings)
+        _leave_together()
+        return code
+    except Exception as exc:
+        if not distributed.is_peer_failure(exc):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's SIGTERM must not cut our line off
+        if not quiet:
+            lost = distributed.PeerLost(distributed.missing_ranks(), distributed.rank())
+            print(f"error: {lost}; checkpoints already saved are intact: continue with {param('resume', 'auto')} "
+                  f"(torchrun --max-restarts does it by itself)", file=sys.stderr, flush=True)
+        return EXIT_PEER
+    finally:
+        distributed.destroy()
+
+
+def _spawned(local_rank: int, per_process: PerProcess, settings: RunSettings, flags: dict[str, str],
+             env: dict[str, str], backend: str) -> None:  # fmt: skip
+    """A process spawned by ``--nproc-per-node``: errors end it with our exit codes, as a script would."""
+    os.environ.update(env, RANK=str(local_rank), LOCAL_RANK=str(local_rank))
+    with flag_names(flags):
+        code = _guarded(lambda: _in_group(per_process, settings, backend, quiet=True))
+    sys.exit(code)
+
+
+def _spawn(per_process: PerProcess, settings: RunSettings, flags: dict[str, str], backend: str) -> int:
+    """``settings.nproc_per_node`` processes here, each a rank of the run (as torchrun would start them)."""
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException, start_processes
+
+    n = settings.nproc_per_node
+    env = {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}  # fmt: skip
+    context = start_processes(_spawned, args=(per_process, settings, flags, env, backend), nprocs=n, join=False,
+                              start_method="spawn")
+    try:
+        while not context.join(grace_period=10):  # the others get 10 s to notice and leave by themselves
+            pass
+    except ProcessExitedException as exc:
+        if exc.exit_code > 0:  # it said why itself
+            return exc.exit_code
+        print(f"error: rank {exc.error_index} of the run (pid {exc.error_pid}) was killed by {exc.signal_name}; "
+              f"checkpoints already saved are intact: continue with {param('resume', 'auto')}", file=sys.stderr)
+        return EXIT_PEER
+    except ProcessRaisedException as exc:
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "a training process failed"
+        print(f"error: rank {exc.error_index} of the run failed: {last}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _free_port() -> int:
@@ -192,31 +237,14 @@ def _free_port() -> int:
 def launch(per_process: PerProcess, settings: RunSettings, flags: Mapping[str, str] | None = None) -> int:
     """Run ``per_process(settings)`` here, in each process torchrun started, or in
     ``settings.nproc_per_node`` processes spawned here; the exit code of the run."""
-    import ignite.distributed as idist
-
     backend = settings.backend or ("nccl" if torch.cuda.is_available() else "gloo")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun (or another launcher)
     if settings.nproc_per_node and settings.nproc_per_node > 1:
         if launched:
             raise ConfigError(f"{param('nproc_per_node')} spawns processes itself: do not also launch with torchrun")
-        from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-
-        try:
-            with idist.Parallel(backend=backend, nproc_per_node=settings.nproc_per_node,
-                                master_port=_free_port()) as parallel:  # fmt: skip
-                parallel.run(_spawned, per_process, settings, dict(flags or {}))
-        except ProcessExitedException as exc:
-            return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
-        except ProcessRaisedException as exc:
-            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "a training process failed"
-            print(f"error: a training process failed: {last}", file=sys.stderr)
-            return 1
-        return 0
-    if launched:
-        codes: list[int] = []
-        with idist.Parallel(backend=backend) as parallel:  # rank and world from the launcher's environment
-            parallel.run(_ranked, per_process, settings, codes)
-        return codes[0] if codes else 1
+        return _spawn(per_process, settings, dict(flags or {}), backend)
+    if launched:  # rank and world from the launcher's environment
+        return _in_group(per_process, settings, backend)
     return _one_process(per_process, settings)
 
 

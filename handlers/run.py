@@ -20,6 +20,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
 
+from engine.distributed import PerRank
 from engine.errors import EXIT_NAN, EXIT_OK, ConfigError, param
 from engine.run_lock import RunLock
 from engine.settings import RunSettings
@@ -252,10 +253,11 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
                                        metric=run.monitor, mode=run.mode, log=write_line).attach(trainer)
     run.nan_guard = NanGuard(log=write_line).attach(trainer)
     run.to_save = {**to_save, "trainer": trainer, "lr_schedule": run.lr_schedule, "early_stopping": run.early_stopping,
-                   "history": run.history, "train_metrics": run.train_metrics, "rng": RNGState()}
+                   "history": run.history, "train_metrics": run.train_metrics,
+                   "rng": PerRank(RNGState(), "RNG state")}  # Ignite's metrics keep their sums per rank themselves
     order = data_order(run.train_loader, trainer)
     if order is not None:
-        run.to_save["data"] = order
+        run.to_save["data"] = PerRank(order, "data position")
     scaler = getattr(trainer, "scaler", None)
     if scaler is not None:
         run.to_save["scaler"] = scaler
@@ -272,12 +274,23 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
         Progress().attach(trainer, evaluator)
 
 
+def _agree_on(path: Path | None, checkpoints: Path) -> None:
+    """Every rank must resume from the same file (or none): else one line, on every rank alike."""
+    found = idist.all_gather(str(path.resolve()) if path else "none")
+    if len(set(found)) > 1:
+        seen = ", ".join(f"rank {r}: {Path(f).name if f != 'none' else 'none'}" for r, f in enumerate(found))
+        raise ConfigError(f"the processes found different checkpoints to resume from in {checkpoints} ({seen}): "
+                          f"{param('output_dir')} must be one folder that every process sees (a shared filesystem)")
+
+
 def _resume(run: Run, resume_state: tuple[Path, dict] | None) -> None:
     checkpoints = run.output_dir / "checkpoints"
     if run.settings.resume == "auto":
         resume_state = find_resume_checkpoint(checkpoints, log=write_line)
         if resume_state is None:
             write_line(f"No checkpoint in {checkpoints}: starting a new run")
+    if idist.get_world_size() > 1:
+        _agree_on(resume_state[0] if resume_state else None, checkpoints)
     if resume_state is None:
         return
     path, state = resume_state

@@ -10,6 +10,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from engine import distributed
 from engine.errors import param
 from handlers.adapters import exception_handler_count
 from handlers.checkpoint import TrainingCheckpoint
@@ -61,10 +62,18 @@ class GracefulStop:
         flag = idist.all_reduce(torch.tensor([float(self.received or 0)]), op="MAX")
         if flag.item() > 0 and not engine.should_terminate:
             self.received = int(flag.item())
+            self._announce(self.received)  # once every rank is known to be there to stop with us
             engine.terminate()
 
     def _on_exception(self, engine: Engine, exc: BaseException) -> None:
-        self.uninstall()
+        if idist.get_world_size() > 1 and distributed.is_peer_failure(exc):
+            # another process died: this one leaves with one line (the caller's), and the launcher's
+            # SIGTERM, which follows at once, must not cut that line off
+            for sig in self.signals:
+                signal.signal(sig, signal.SIG_IGN)
+            self._previous.clear()
+        else:
+            self.uninstall()
         if exception_handler_count(engine) == 1:  # ours alone: Ignite would have raised it, so do that
             raise exc
 
@@ -80,14 +89,16 @@ class GracefulStop:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
         if self.received is not None:
             os._exit(128 + signum)  # second signal: leave now; saved files are complete or absent
         self.received = signum
-        self.log(f"Received {name}: stopping after this iteration and saving a checkpoint "
-                 f"(send it again to quit at once)")
         if self._trainer is not None and idist.get_world_size() == 1:
+            self._announce(signum)
             self._trainer.terminate()  # distributed: all ranks stop together in _agree
+
+    def _announce(self, signum: int) -> None:
+        self.log(f"Received {signal.Signals(signum).name}: stopping after this iteration and saving a checkpoint "
+                 f"(send it again to quit at once)")
 
     def _save(self, engine: Engine) -> None:
         if self.received is None or self.checkpoint is None:

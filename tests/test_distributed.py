@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import SCRIPT, run_script
@@ -24,6 +27,12 @@ def torchrun(*args: str, mnist: Path, timeout: float = 300) -> subprocess.Comple
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([*TORCHRUN, str(SCRIPT), *args, "--data-dir", str(mnist)], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def history(out: Path) -> list[dict]:
@@ -79,21 +88,157 @@ def test_one_rank_failing_ends_every_rank_non_zero(mnist_root, tmp_path):
                                  "--output-dir", str(tmp_path / "run"), "--data-dir", str(mnist_root)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
-    workers: list[int] = []
+    workers: dict[int, int] = {}
     try:
         for line in launcher.stdout:
             if "Epoch 1, Batch 20" in line:
-                children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
-                workers = [int(pid) for pid in children.stdout.split()]
-                os.kill(max(workers), signal.SIGKILL)  # one rank dies for real
+                workers = _workers(launcher.pid)
+                os.kill(workers[1], signal.SIGKILL)  # one rank dies for real
                 break
         assert workers, "the run never reached its first batch line"
+        rest = launcher.stdout.read()
         code = launcher.wait(timeout=120)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
-    assert code != 0
+    assert code != 0  # no restarts asked for: torchrun gives up at once
+    ours = [line for line in rest.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and ours[0].startswith("error: rank 1 of the run failed; rank 0 stops too"), rest[-3000:]
+    ours_in_tracebacks = [line for line in rest.splitlines() if line.strip().startswith('File "') and
+                          any(f"/{d}/" in line for d in ("engine", "handlers", "examples"))]
+    assert not ours_in_tracebacks, rest[-3000:]
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers.values()):
         time.sleep(0.2)
-    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    assert not [pid for pid in workers.values() if Path(f"/proc/{pid}").exists()]
+
+
+# ----------------------------------------------------------------------------- fault tolerance
+# Two recipes, one per data path: the default (in-memory tensors, batch norm, one-cycle) and the seed's
+# (DataLoader + ResumableRandomSampler, dropout: the RNG streams matter). 40 (30) batches an epoch.
+RECIPES = {
+    "memory": ["--limit-train-batches", "40", "--epochs", "3"],
+    "torchvision": ["--preset", "seed", "--limit-train-batches", "30", "--epochs", "2"],
+}
+FT = ["--save-every-iters", "5", "--seed", "3", "--log-every", "0", "--no-progress", "--no-tensorboard"]
+TIMING = {"epoch_seconds", "samples_per_second"}
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """history.json figures and the final weights and optimizer state equal bit for bit."""
+    ha, hb = ([{k: v for k, v in r.items() if k not in TIMING} for r in history(d)] for d in (a, b))
+    assert ha == hb
+    last = max((a / "checkpoints").glob("last_*.pt"), key=lambda p: int(p.stem.split("=")[1]))
+    sa, sb = (torch.load(d / "checkpoints" / last.name, weights_only=True) for d in (a, b))
+    assert sa["model"].keys() == sb["model"].keys() and all(torch.equal(sa["model"][k], sb["model"][k])
+                                                            for k in sa["model"])
+    flat = [torch.equal(x, y) for s, t in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values())
+            for x, y in zip(s.values(), t.values())]
+    assert flat and all(flat)
+
+
+def _workers(parent: int) -> dict[int, int]:
+    """The training processes below ``parent``: RANK -> pid for torchrun's (from their environment),
+    index -> pid in start order for spawned ones (they learn their rank after the start)."""
+    found, spawned = {}, []
+    for pid in sorted(int(p) for p in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True,
+                                                     text=True).stdout.split()):  # fmt: skip
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+        if ranks:
+            found[int(ranks[0])] = pid
+        elif b"spawn_main" in cmdline:
+            spawned.append(pid)
+    return found or dict(enumerate(spawned))
+
+
+def _kill_worker_after(cmd: list[str], out: Path, rank: int, iteration: int) -> tuple[subprocess.Popen, int]:
+    """Start ``cmd``; SIGKILL the worker ``rank`` once ``last_iter=<iteration>.pt`` exists; (process, pid)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True)
+    target, deadline = out / "checkpoints" / f"last_iter={iteration}.pt", time.monotonic() + 240
+    while not target.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+        time.sleep(0.005)
+    pids = _workers(proc.pid)
+    assert rank in pids, pids
+    os.kill(pids[rank], signal.SIGKILL)
+    return proc, pids[rank]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mnist_root, tmp_path_factory):
+    """The reference: each recipe under torchrun with two processes, never interrupted."""
+    runs = {}
+    for path, recipe in RECIPES.items():
+        out = tmp_path_factory.mktemp("straight") / path
+        proc = torchrun(*recipe, *FT, "--data-path", path, "--output-dir", str(out), mnist=mnist_root)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        runs[path] = out
+    return runs
+
+
+@pytest.mark.parametrize("path, victim, at", [("memory", 1, 50), ("torchvision", 0, 40)])
+def test_torchrun_restarts_a_killed_worker_and_the_run_equals_an_uninterrupted_one(
+        uninterrupted, mnist_root, tmp_path, path, victim, at):  # fmt: skip
+    out = tmp_path / "killed"
+    cmd = [*TORCHRUN, "--max-restarts", "2", str(SCRIPT), *RECIPES[path], *FT, "--data-path", path,
+           "--output-dir", str(out), "--resume", "auto", "--data-dir", str(mnist_root)]
+    proc, _ = _kill_worker_after(cmd, out, victim, at)  # mid-epoch 2
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text[-4000:]
+    ours = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert ours == [(f"error: rank {victim} of the run failed; rank {1 - victim} stops too; checkpoints already "
+                     f"saved are intact: continue with --resume auto (torchrun --max-restarts does it by itself)")]
+    assert "Traceback" not in text and "connectFullMesh" not in text, text[-4000:]
+    assert text.count("Resumed from") == 1
+    _same_run(uninterrupted[path], out)
+
+
+def test_two_simulated_nodes_equal_one_node_with_two_processes(uninterrupted, mnist_root, tmp_path):
+    out, port = tmp_path / "nodes", _free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-id", "test",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", str(SCRIPT), *RECIPES["memory"], *FT,
+                               "--output-dir", str(out), "--data-dir", str(mnist_root)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+             for node in (0, 1)]  # fmt: skip
+    texts = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    _same_run(uninterrupted["memory"], out)
+
+
+def test_spawned_run_with_a_killed_worker_stops_with_one_line_and_resumes_exactly(uninterrupted, mnist_root,
+                                                                                  tmp_path):
+    out = tmp_path / "spawned"
+    cmd = [sys.executable, str(SCRIPT), *RECIPES["memory"], *FT, "--nproc-per-node", "2", "--output-dir", str(out),
+           "--data-dir", str(mnist_root)]
+    proc, pid = _kill_worker_after(cmd, out, 1, 60)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 4, text[-3000:]
+    ours = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and f"of the run (pid {pid}) was killed by SIGKILL" in ours[0], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    again = run_script(*RECIPES["memory"], *FT, "--nproc-per-node", "2", "--output-dir", str(out), "--resume", "auto",
+                       mnist=mnist_root, env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    _same_run(uninterrupted["memory"], out)
+
+
+def test_a_two_process_checkpoint_is_refused_by_one_process_in_one_line(uninterrupted, mnist_root, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted["memory"], out)
+    proc = run_script(*RECIPES["memory"], *FT, "--epochs", "4", "--output-dir", str(out), "--resume", "auto",
+                      mnist=mnist_root)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "written by a run of 2 process(es), this run has 1: resume it with 2" in proc.stderr
+    assert len(history(out)) == 3  # nothing changed

@@ -140,7 +140,7 @@ def test_the_verify_command_says_ok_or_damaged_per_file(tmp_path, checkpoint):
     command = [sys.executable, "-m", "handlers.checkpoint", "verify"]
     ok = subprocess.run([*command, str(good)], capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stderr == ""
-    assert ok.stdout == f"OK {good}: format 2, epoch 1, iteration 3, val_accuracy=0.5000\n"
+    assert ok.stdout == f"OK {good}: format 3, epoch 1, iteration 3, val_accuracy=0.5000\n"
     both = subprocess.run([*command, str(good), str(bad)], capture_output=True, text=True)
     lines = both.stdout.splitlines()
     assert both.returncode == 1 and len(lines) == 2 and lines[0].startswith("OK ")

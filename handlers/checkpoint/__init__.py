@@ -122,7 +122,8 @@ class _Meta:
     def state_dict(self) -> dict[str, Any]:
         score = self.trainer.state.metrics.get(self.metric)
         score = float(score) if isinstance(score, (int, float)) or hasattr(score, "item") else None
-        return {"format": FORMAT, "version": VERSION, "integrity": INTEGRITY, "metric": self.metric, "score": score}
+        return {"format": FORMAT, "version": VERSION, "integrity": INTEGRITY, "metric": self.metric, "score": score,
+                "world_size": idist.get_world_size()}
 
 
 class _Bookkeeping:

@@ -12,7 +12,7 @@ from handlers.checkpoint.loading import load_checkpoint
 
 
 def describe(data: Mapping[str, Any]) -> str:
-    """``format 2, epoch 3, iteration 1407, val_accuracy=0.9912`` for a loaded checkpoint."""
+    """``format 3, epoch 3, iteration 1407, val_accuracy=0.9912`` for a loaded checkpoint."""
     meta, trainer = data["meta"], data["trainer"]
     iteration, length = int(trainer["iteration"]), int(trainer.get("epoch_length") or 0)
     where = f"epoch {iteration // length}" if length else "epoch ?"

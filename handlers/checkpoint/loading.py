@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import ignite.distributed as idist
 import torch
 from torch import nn
 
@@ -31,7 +32,8 @@ __all__ = [
 ]
 
 FORMAT = "ignite-trainer-checkpoint"
-VERSION = 2  # 2: the meta record says how the file is verified and holds the watched metric
+VERSION = 3  # 2: the meta record says how the file is verified and holds the watched metric;
+# 3: it holds the world size, and the RNG and data position of every rank
 INTEGRITY = "zip-crc32"
 _LAST_RE = re.compile(r"^last_iter=(\d+)\.pt$")
 
@@ -83,8 +85,8 @@ def load_checkpoint(path: str | Path, log: Callable[[str], None] | None = None) 
     meta = data.get("meta") if isinstance(data, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no {FORMAT!r} marker)")
-    if meta.get("version") not in (1, VERSION):
-        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')}; this code reads 1 and "
+    if meta.get("version") not in (1, 2, VERSION):
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')}; this code reads 1 to "
                               f"{VERSION}: it was made by a newer version of this project")
     if meta.get("version") == 1 and log is not None:
         log(f"{path} is of the older checkpoint format 1: its CRC-32s were checked as for format {VERSION}")
@@ -127,6 +129,15 @@ def restore(to_load: Mapping[str, Any], checkpoint: Mapping[str, Any], path: str
     missing = [k for k in to_load if k not in checkpoint]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}: it was made with other settings")
+    meta = checkpoint.get("meta")
+    saved_world = meta.get("world_size") if isinstance(meta, Mapping) else None
+    world = idist.get_world_size()
+    if saved_world is not None and int(saved_world) != world:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run of {saved_world} process(es), this run has {world}: resume it "
+            f"with {saved_world} (torchrun --nnodes x --nproc-per-node = {saved_world}, or --nproc-per-node "
+            f"{saved_world}), so that each process gets back its own data position, RNG and metric sums"
+        )
     model_state = checkpoint["model"]
     model = to_load.get("model")
     if model is not None:

@@ -1,0 +1,132 @@
+"""The process group of a launched run, and what to do when one of its processes dies.
+
+torchrun restarts a failed group with the same store: the process group of each attempt lives
+under its own key prefix here (``TORCHELASTIC_RESTART_COUNT``), so a restarted rank never reads
+the address of a process that no longer exists (seen: every restart failing with "Gloo
+connectFullMesh failed ... Connection refused" when it did). When a peer dies, the survivors
+find out which rank is gone through the same store (:func:`missing_ranks`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from typing import Any, Mapping
+
+import torch.distributed as dist
+
+from engine.errors import ConfigError
+
+__all__ = ["PeerLost", "PerRank", "attempt", "check_world_size", "destroy", "init_process_group", "is_peer_failure", "missing_ranks", "rank"]
+
+_store: dist.Store | None = None
+
+
+class PeerLost(RuntimeError):
+    """Another process of the run died (or its connection did): this one cannot go on."""
+
+    def __init__(self, ranks: list[int], rank: int) -> None:
+        self.ranks, self.rank = ranks, rank
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else ("ranks " + ", ".join(map(str, ranks)) if ranks
+                                                          else "another process")
+        super().__init__(f"{who} of the run failed; rank {rank} stops too")
+
+
+class PerRank:
+    """Wraps an object whose state differs between the processes of a run (the RNG streams, the
+    data order, ...): ``state_dict()`` gathers every rank's state (a collective: every rank calls it,
+    as every rank runs the checkpoint handler) so the one file rank 0 writes holds them all, and
+    ``load_state_dict()`` gives each rank its own. A state saved by another number of processes is
+    refused with one line naming both."""
+
+    def __init__(self, obj: Any, name: str = "state") -> None:
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise TypeError(f"{type(obj).__name__} has no state_dict/load_state_dict")
+        self.obj, self.name = obj, name
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.obj.state_dict()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return {"world_size": 1, "ranks": [state]}
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, state)
+        return {"world_size": len(ranks), "ranks": ranks}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "ranks" not in state:  # written before states were kept per rank: the same for every rank
+            self.obj.load_state_dict(state)
+            return
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        check_world_size(int(state["world_size"]), world, f"its {self.name}")
+        self.obj.load_state_dict(state["ranks"][rank()])
+
+
+def check_world_size(saved: int, world: int, what: str = "it") -> None:
+    """Refuse (one line, both numbers) to continue a run on another number of processes."""
+    if saved != world:
+        raise ConfigError(
+            f"the checkpoint was written by a run of {saved} process(es) and {what} differs between them; this run "
+            f"has {world}: resume it with {saved} (torchrun --nproc-per-node / --nnodes, or --nproc-per-node {saved})"
+        )
+
+
+def attempt() -> int:
+    """Which start of the group this is (0 first; torchrun counts its restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def init_process_group(backend: str, timeout: timedelta | None = None) -> None:
+    """The default process group from the launcher's environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``), on the launcher's store under this attempt's prefix."""
+    global _store
+    from torch.distributed import rendezvous
+
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    store, rank, world = next(rendezvous("env://", **kwargs))
+    _store = dist.PrefixStore(f"engine/attempt_{attempt()}", store)
+    dist.init_process_group(backend, store=dist.PrefixStore("pg", _store), rank=rank, world_size=world, **kwargs)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process went away."""
+    backend_error = getattr(dist, "DistBackendError", ())
+    if backend_error and isinstance(exc, backend_error):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return any(s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                                   "gloo/transport", "NCCL communicator was aborted", "Socket Timeout"))
+
+
+def missing_ranks(wait_s: float = 3.0) -> list[int]:
+    """After a failed collective: every surviving rank says so in the store, then waits up to
+    ``wait_s`` for the others; the ranks that never answered (sorted). ``[]`` if unknown (no store)."""
+    if _store is None or not dist.is_initialized():
+        return []
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        _store.set(f"alive/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        missing = [r for r in range(world) if r != rank]
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not _store.check([f"alive/{r}"])]
+            if missing:
+                time.sleep(0.05)
+        return missing
+    except (RuntimeError, OSError):  # the store's host is gone too
+        return []
+
+
+def rank() -> int:
+    """This process's rank (0 outside a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def destroy() -> None:
+    """Tear the process group down (idempotent)."""
+    global _store
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _store = None

@@ -40,6 +40,23 @@ def mnist_tensors(root: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(ds.data.float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze_(1), ds.targets) for ds in sets]
 
 
+def mnist_datasets(root: str) -> list:
+    """[train, test] torchvision data sets with the seed's per-sample ToTensor + Normalize (the DataLoader path)."""
+    import torchvision
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+    return [load_dataset(torchvision.datasets.MNIST, root, train=t, download=False, transform=tf) for t in (True, False)]
+
+
+def seed_cnn() -> nn.Module:
+    """The seed's CNN (``SeedNet`` of examples/train_mnist.py): conv32, conv64, max-pool, dropout, fc128, fc10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25),
+        nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10),
+    )  # fmt: skip
+
+
 def mnist_cnn(width: int = 16) -> nn.Module:
     """The default preset's network (``FastNet`` of examples/train_mnist.py), as the model under test."""
     w = width

@@ -1,18 +1,25 @@
 """Engine overhead: the library's run (``build_run``) with every default handler vs a hand-written loop.
 
-Both do the same work: the default preset's model, batches (same seed), optimizer and one-cycle LR,
-per-sample train loss/accuracy, the seed-style lines, and a full validation after each epoch. The
-engine run additionally checkpoints, writes history.json and TensorBoard events, guards against
+Two recipes, each against its own hand-written loop doing the same work (the same model, batches,
+optimizer, LR schedule, per-sample train loss/accuracy and a full validation after each epoch):
+
+- ``default``: the default preset (in-memory tensors, the four-block CNN, batch 128, Adam 1e-2
+  one-cycle, channels-last), both in full precision;
+- ``seed``: the seed preset against the seed's own loop (DataLoader with per-sample ToTensor +
+  Normalize, the seed's CNN with dropout, batch 64, Adam 1e-3, ``loss.item()`` every batch).
+
+The engine run additionally checkpoints, writes history.json and TensorBoard events, guards against
 NaN and listens for stop signals, as it does by default.
 
-This machine's speed drifts by tens of percent over seconds, so whole runs timed one after the
-other compare badly. Instead both runs advance side by side in one process, in alternating
-segments of ``--segment`` iterations (the engine is paused with Ignite's ``interrupt()``, the raw
-loop is a generator): A B A B ... Each pair of runs gives one ratio, the sum of the engine's
-segments (plus its end-of-run work) over the sum of the raw loop's; the result is the median over
-``--pairs`` pairs.
+This machine's speed drifts by tens of percent over seconds, and two processes of the same program
+differ by up to 25% here (seen: the same seed loop at 40 and at 55 ms a step in two processes), so
+whole runs timed one after the other compare badly. Instead both runs advance side by side in one
+process, in alternating segments of ``--segment`` iterations (the engine is paused with Ignite's
+``interrupt()``, the raw loop is a generator): A B A B ... Each pair of runs gives one ratio, the
+sum of the engine's segments (plus its end-of-run work) over the sum of the raw loop's; the result
+is the median over ``--pairs`` pairs.
 
-    python benchmarks/overhead.py [--pairs 7] [--epochs 1] [--segment 20]
+    python benchmarks/overhead.py [--recipe default|seed] [--pairs 7] [--epochs 1] [--segment 20]
 
 Last line: overhead_ratio=<engine/raw>
 """
@@ -30,65 +37,83 @@ from ignite.engine import Events
 from ignite.handlers import PiecewiseLinear
 from torch import nn
 
-from common import machine, mnist_cnn, mnist_root, mnist_tensors, quiet
+from common import machine, mnist_cnn, mnist_datasets, mnist_root, mnist_tensors, quiet, seed_cnn
 
 from engine import RunSettings
 from handlers import build_run, make_loaders, seed_everything
 
+RECIPES = {  # the presets of examples/train_mnist.py; full precision on both sides, whatever the CPU
+    "default": dict(batch_size=128, val_batch_size=2000, lr=1e-2, scheduler="onecycle", channels_last=True),
+    "seed": dict(batch_size=64, val_batch_size=1000, lr=1e-3, scheduler="none", channels_last=False,
+                 data_path="torchvision"),
+}  # fmt: skip
+MODELS = {"default": mnist_cnn, "seed": seed_cnn}
 
-def default_settings(epochs: int, out: str | None = None) -> RunSettings:
-    """The default preset's recipe (examples/train_mnist.py), every default handler on; full precision
-    on both sides, so that both do the same arithmetic whatever the CPU."""
-    return RunSettings(output_dir=out, epochs=epochs, batch_size=128, val_batch_size=2000, lr=1e-2,
-                       scheduler="onecycle", channels_last=True, progress=False, seed=0, amp="fp32")
+
+def recipe_settings(recipe: str, epochs: int, limit: int | None, out: str | None = None) -> RunSettings:
+    """The recipe's settings, every default handler on."""
+    return RunSettings(output_dir=out, epochs=epochs, progress=False, seed=0, amp="fp32", limit_train_batches=limit,
+                       **RECIPES[recipe])
 
 
 class EngineRun:
-    """The library's run (``handlers.build_run``, as ``fit`` builds it) on the default recipe."""
+    """The library's run (``handlers.build_run``, as ``fit`` builds it) on a recipe."""
 
-    def __init__(self, data: list, epochs: int, out: str, segment: int) -> None:
+    def __init__(self, recipe: str, data: list, epochs: int, limit: int | None, out: str, segment: int) -> None:
         seed_everything(0)
         with quiet():
-            self.run = build_run(mnist_cnn(), data[0], data[1], default_settings(epochs, out), name="bench")
+            self.run = build_run(MODELS[recipe](), data[0], data[1], recipe_settings(recipe, epochs, limit, out),
+                                 name="bench")
         self.run.trainer.add_event_handler(Events.ITERATION_COMPLETED(every=segment), lambda e: e.interrupt())
-        self.done = False
+        self.run.trainer.add_event_handler(Events.COMPLETED, self._completed)
+        self.completed = self.done = False
+
+    def _completed(self, engine: object) -> None:
+        self.completed = True  # not ``run.done``: a pause at an epoch's last iteration precedes its end handlers
 
     def step(self) -> None:
         """Run until the next pause, or to the end (then write the last records, as ``fit`` does)."""
         with quiet():
             self.run.trainer.run(self.run.train_loader, max_epochs=self.run.settings.epochs)
-            if self.run.done:
+            if self.completed:
                 assert self.run.finish().exit_code == 0
                 self.done = True
 
 
-def raw_loop(data: list, epochs: int, segment: int) -> Iterator[None]:
-    """The same training, written by hand; pauses (yields) every ``segment`` iterations."""
+def raw_loop(recipe: str, data: list, epochs: int, limit: int | None, segment: int) -> Iterator[None]:
+    """The same training, written by hand (the seed's loop for ``seed``); pauses every ``segment`` iterations."""
     with quiet():
-        settings = default_settings(epochs)
+        settings = recipe_settings(recipe, epochs, limit)
         torch.manual_seed(settings.seed)
         train_loader, val_loader = make_loaders(data[0], data[1], settings, torch.device("cpu"))
-        model = mnist_cnn().to(memory_format=torch.channels_last)
+        model = MODELS[recipe]()
+        fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
+        model = model.to(memory_format=fmt)
         optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
         criterion = nn.CrossEntropyLoss()
         total = settings.epochs * len(train_loader)
         lr = settings.lr
         lrs = [v for _, v in PiecewiseLinear.simulate_values(
             total, param_name="lr", milestones_values=[(0, lr / 25), (total // 4, lr), (total - 1, lr / 1e4)])]
+    onecycle = settings.scheduler == "onecycle"
     step = 0
     for epoch in range(1, settings.epochs + 1):
         model.train()
         loss_sum, correct, seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
         for batch, (x, y) in enumerate(train_loader, 1):
-            optimizer.param_groups[0]["lr"] = lrs[step]
+            if onecycle:
+                optimizer.param_groups[0]["lr"] = lrs[step]
             step += 1
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=fmt)
             optimizer.zero_grad(set_to_none=True)
             out = model(x)
             loss = criterion(out, y)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach() * y.shape[0]
+            if onecycle:
+                loss_sum += loss.detach() * y.shape[0]
+            else:  # the seed's loop: a Python float every batch
+                loss_sum += loss.item() * y.shape[0]
             correct += (out.detach().argmax(1) == y).sum()
             seen += y.shape[0]
             if batch % 50 == 0:
@@ -101,17 +126,17 @@ def raw_loop(data: list, epochs: int, segment: int) -> Iterator[None]:
         val_loss, val_correct, val_seen = 0.0, 0, 0
         with torch.no_grad():
             for x, y in val_loader:
-                out = model(x.contiguous(memory_format=torch.channels_last)).float()
+                out = model(x.contiguous(memory_format=fmt)).float()
                 val_loss += criterion(out, y).item() * y.shape[0]
                 val_correct += (out.argmax(1) == y).sum().item()
                 val_seen += y.shape[0]
         _ = f"Epoch {epoch}, Val Loss: {val_loss / val_seen:.4f}, Val Accuracy: {val_correct / val_seen:.2%}"
 
 
-def pair(data: list, epochs: int, out: str, segment: int) -> tuple[float, float]:
+def pair(recipe: str, data: list, epochs: int, limit: int | None, out: str, segment: int) -> tuple[float, float]:
     """Seconds of the engine and of the raw loop, advanced in alternating segments."""
-    engine = EngineRun(data, epochs, out, segment)
-    raw = raw_loop(data, epochs, segment)
+    engine = EngineRun(recipe, data, epochs, limit, out, segment)
+    raw = raw_loop(recipe, data, epochs, limit, segment)
     t_engine = t_raw = 0.0
     raw_done = False
     while not (engine.done and raw_done):
@@ -128,17 +153,19 @@ def pair(data: list, epochs: int, out: str, segment: int) -> tuple[float, float]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default")
+    p.add_argument("--pairs", type=int, default=7)
     p.add_argument("--epochs", type=int, default=1, help="the default recipe runs one")
+    p.add_argument("--limit", type=int, default=None, help="training batches per epoch (default: all)")
     p.add_argument("--segment", type=int, default=20, help="iterations per alternating segment")
     args = p.parse_args()
-    data = mnist_tensors(mnist_root())
-    print(f"machine: {machine()}")
+    data = mnist_tensors(mnist_root()) if args.recipe == "default" else mnist_datasets(mnist_root())
+    print(f"machine: {machine()}; recipe {args.recipe}, {args.epochs} epoch(s), limit {args.limit}")
     with tempfile.TemporaryDirectory() as tmp:
-        pair(data, 1, f"{tmp}/warmup", args.segment)  # warm-up, not counted
+        pair(args.recipe, data, 1, min(args.limit or 100, 100), f"{tmp}/warmup", args.segment)  # warm-up
         ratios = []
         for i in range(args.pairs):
-            e, r = pair(data, args.epochs, f"{tmp}/run{i}", args.segment)
+            e, r = pair(args.recipe, data, args.epochs, args.limit, f"{tmp}/run{i}", args.segment)
             ratios.append(e / r)
             print(f"pair {i + 1}: engine {e:.3f} s  raw {r:.3f} s  ratio {e / r:.4f}", flush=True)
     print(f"median engine/raw over {args.pairs} pairs; spread {min(ratios):.4f}..{max(ratios):.4f}")

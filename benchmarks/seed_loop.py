@@ -39,9 +39,9 @@ for epoch in range(1, args.epochs + 1):
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in train_loader:
+        optimizer.zero_grad()  # the seed's order: clear, forward, loss, backward, step
         out = model(x)
         loss = F.cross_entropy(out, y)
-        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         loss_sum += loss.item() * y.shape[0]

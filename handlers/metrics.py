@@ -50,9 +50,11 @@ class TrainMetrics:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         self.prefix = prefix
-        self.metrics: dict[str, Metric] = {"loss": Loss(_step_loss, output_transform=lambda o: (o["loss"], o["y"]))}
+        # skip_unrolling: the step's outputs are batched tensors, never lists to unroll (saves a check per batch)
+        self.metrics: dict[str, Metric] = {
+            "loss": Loss(_step_loss, output_transform=lambda o: (o["loss"], o["y"]), skip_unrolling=True)}
         if accuracy:  # classification only: the step's logits against class labels
-            self.metrics["accuracy"] = Accuracy(output_transform=lambda o: (o["y_pred"], o["y"]))
+            self.metrics["accuracy"] = Accuracy(output_transform=lambda o: (o["y_pred"], o["y"]), skip_unrolling=True)
         self._pending: dict[str, Any] | None = None
         self._trainer: Engine | None = None
 

@@ -26,14 +26,14 @@ class NanGuard:
     def __init__(self, log: Callable[[str], None] = print) -> None:
         self.log = log
         self.triggered_at: tuple[int, int] | None = None
+        self._world = 1
         self._inner = TerminateOnNan(output_transform=self._loss)
         self._inner.logger.setLevel(logging.ERROR)  # our own line replaces its warning
 
-    @staticmethod
-    def _loss(output: dict) -> torch.Tensor:
+    def _loss(self, output: dict) -> torch.Tensor:
         """The batch loss; in a distributed run summed over ranks, so every rank decides alike."""
         loss = output["loss"]
-        if idist.get_world_size() > 1:
+        if self._world > 1:
             loss = idist.all_reduce(loss.detach().clone())
         return loss
 
@@ -48,6 +48,7 @@ class NanGuard:
 
     def _reset(self, engine: Engine) -> None:
         self.triggered_at = None
+        self._world = idist.get_world_size()
 
     def __call__(self, engine: Engine) -> None:
         if engine.state.output is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from ignite.engine import Engine, Events
@@ -50,11 +50,13 @@ class TrainMetrics:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         self.prefix = prefix
-        # skip_unrolling: the step's outputs are batched tensors, never lists to unroll (saves a check per batch)
-        self.metrics: dict[str, Metric] = {
-            "loss": Loss(_step_loss, output_transform=lambda o: (o["loss"], o["y"]), skip_unrolling=True)}
-        if accuracy:  # classification only: the step's logits against class labels
-            self.metrics["accuracy"] = Accuracy(output_transform=lambda o: (o["y_pred"], o["y"]), skip_unrolling=True)
+        # what each metric reads of the step's output: the batch's mean loss; the logits (classification only)
+        inputs: dict[str, Callable[[dict], tuple]] = {"loss": lambda o: (o["loss"], o["y"])}
+        self.metrics: dict[str, Metric] = {"loss": Loss(_step_loss, output_transform=inputs["loss"])}
+        if accuracy:
+            inputs["accuracy"] = lambda o: (o["y_pred"], o["y"])
+            self.metrics["accuracy"] = Accuracy(output_transform=inputs["accuracy"])
+        self._updates = [(inputs[name], metric) for name, metric in self.metrics.items()]
         self._pending: dict[str, Any] | None = None
         self._trainer: Engine | None = None
 
@@ -62,10 +64,19 @@ class TrainMetrics:
         """Reset at each epoch start, update after each iteration, publish at epoch end (Stage.METRICS)."""
         self._trainer = trainer
         trainer.add_event_handler(Events.EPOCH_STARTED, self._started)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._update)
         for name, metric in self.metrics.items():
-            trainer.add_event_handler(Events.ITERATION_COMPLETED, metric.iteration_completed)
             attach_ordered(trainer, Events.EPOCH_COMPLETED, metric.completed, Stage.METRICS, self.prefix + name)
         return self
+
+    @torch.no_grad()
+    def _update(self, engine: Engine) -> None:
+        """Every metric's ``update`` from the step's output: one handler and one no-grad block per
+        iteration instead of one each (what Ignite's ``iteration_completed`` adds is for outputs that
+        need unrolling or mapping, which the step's never do)."""
+        output = engine.state.output
+        for transform, metric in self._updates:
+            metric.update(transform(output))
 
     def _started(self, engine: Engine) -> None:
         for metric in self.metrics.values():

@@ -136,9 +136,9 @@ def _same_run(a: Path, b: Path) -> None:
     sa, sb = (torch.load(d / "checkpoints" / last.name, weights_only=True) for d in (a, b))
     assert sa["model"].keys() == sb["model"].keys() and all(torch.equal(sa["model"][k], sb["model"][k])
                                                             for k in sa["model"])
-    flat = [torch.equal(x, y) for s, t in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values())
-            for x, y in zip(s.values(), t.values())]
-    assert flat and all(flat)
+    oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert oa.keys() == ob.keys() and all(oa[p].keys() == ob[p].keys() for p in oa)
+    assert oa and all(torch.equal(oa[p][k], ob[p][k]) for p in oa for k in oa[p])
 
 
 def _workers(parent: int) -> dict[int, int]:

@@ -91,11 +91,11 @@ def raw_loop(recipe: str, data: list, epochs: int, limit: int | None, segment: i
         model = model.to(memory_format=fmt)
         optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
         criterion = nn.CrossEntropyLoss()
-        total = settings.epochs * len(train_loader)
-        lr = settings.lr
+        onecycle, seed_loop = settings.scheduler == "onecycle", recipe == "seed"
+        total, lr = settings.epochs * len(train_loader), settings.lr
         lrs = [v for _, v in PiecewiseLinear.simulate_values(
-            total, param_name="lr", milestones_values=[(0, lr / 25), (total // 4, lr), (total - 1, lr / 1e4)])]
-    onecycle = settings.scheduler == "onecycle"
+            total, param_name="lr", milestones_values=[(0, lr / 25), (total // 4, lr), (total - 1, lr / 1e4)])
+        ] if onecycle else []
     step = 0
     for epoch in range(1, settings.epochs + 1):
         model.train()
@@ -110,10 +110,10 @@ def raw_loop(recipe: str, data: list, epochs: int, limit: int | None, segment: i
             loss = criterion(out, y)
             loss.backward()
             optimizer.step()
-            if onecycle:
-                loss_sum += loss.detach() * y.shape[0]
-            else:  # the seed's loop: a Python float every batch
+            if seed_loop:  # the seed's loop: a Python float every batch
                 loss_sum += loss.item() * y.shape[0]
+            else:
+                loss_sum += loss.detach() * y.shape[0]
             correct += (out.detach().argmax(1) == y).sum()
             seen += y.shape[0]
             if batch % 50 == 0:

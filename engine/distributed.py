@@ -14,11 +14,12 @@ import time
 from datetime import timedelta
 from typing import Any, Mapping
 
+import ignite.distributed as idist
 import torch.distributed as dist
 
 from engine.errors import ConfigError
 
-__all__ = ["PeerLost", "PerRank", "attempt", "check_world_size", "destroy", "init_process_group", "is_peer_failure", "missing_ranks", "rank"]
+__all__ = ["PeerLost", "PerRank", "attempt", "destroy", "init_process_group", "is_peer_failure", "missing_ranks"]
 
 _store: dist.Store | None = None
 
@@ -47,28 +48,21 @@ class PerRank:
 
     def state_dict(self) -> dict[str, Any]:
         state = self.obj.state_dict()
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return {"world_size": 1, "ranks": [state]}
-        ranks: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, state)
+        ranks = idist.all_gather(state) if idist.get_world_size() > 1 else [state]
         return {"world_size": len(ranks), "ranks": ranks}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "ranks" not in state:  # written before states were kept per rank: the same for every rank
             self.obj.load_state_dict(state)
             return
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        check_world_size(int(state["world_size"]), world, f"its {self.name}")
-        self.obj.load_state_dict(state["ranks"][rank()])
-
-
-def check_world_size(saved: int, world: int, what: str = "it") -> None:
-    """Refuse (one line, both numbers) to continue a run on another number of processes."""
-    if saved != world:
-        raise ConfigError(
-            f"the checkpoint was written by a run of {saved} process(es) and {what} differs between them; this run "
-            f"has {world}: resume it with {saved} (torchrun --nproc-per-node / --nnodes, or --nproc-per-node {saved})"
-        )
+        saved, world = int(state["world_size"]), idist.get_world_size()
+        if saved != world:
+            raise ConfigError(
+                f"the checkpoint was written by a run of {saved} process(es) and its {self.name} differs between "
+                f"them; this run has {world}: resume it with {saved} (torchrun --nproc-per-node / --nnodes, or "
+                f"--nproc-per-node {saved})"
+            )
+        self.obj.load_state_dict(state["ranks"][idist.get_rank()])
 
 
 def attempt() -> int:
@@ -117,11 +111,6 @@ def missing_ranks(wait_s: float = 3.0) -> list[int]:
         return missing
     except (RuntimeError, OSError):  # the store's host is gone too
         return []
-
-
-def rank() -> int:
-    """This process's rank (0 outside a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def destroy() -> None:

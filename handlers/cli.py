@@ -24,6 +24,7 @@ import socket
 import sys
 from typing import Any, Callable, Mapping, TypeVar
 
+import ignite.distributed as idist
 import torch
 
 from engine import distributed
@@ -167,8 +168,6 @@ def _one_process(per_process: PerProcess, settings: RunSettings) -> int:
 def _leave_together() -> None:
     """Every rank waits here for the others before the process group is torn down: a rank that tore
     its gloo group down while rank 0 was still writing the last records was seen to abort at exit."""
-    import ignite.distributed as idist
-
     if idist.get_world_size() > 1:
         idist.barrier()
 
@@ -187,7 +186,7 @@ def _in_group(per_process: PerProcess, settings: RunSettings, backend: str, quie
             raise
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's SIGTERM must not cut our line off
         if not quiet:
-            lost = distributed.PeerLost(distributed.missing_ranks(), distributed.rank())
+            lost = distributed.PeerLost(distributed.missing_ranks(), idist.get_rank())
             print(f"error: {lost}; checkpoints already saved are intact: continue with {param('resume', 'auto')} "
                   f"(torchrun --max-restarts does it by itself)", file=sys.stderr, flush=True)
         return EXIT_PEER

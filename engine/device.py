@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from engine.errors import ConfigError, param
 
-__all__ = ["resolve_device", "move_batch"]
+__all__ = ["available_memory", "move_batch", "prepare_batch", "resolve_device", "split_batch", "to_device"]
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -44,14 +44,67 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def move_batch(batch: Any, device: torch.device, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split an ``(x, y)`` batch and move both tensors to ``device``.
+TARGET_KEYS = ("label", "labels", "target", "targets", "y")
 
-    ``non_blocking`` only has an effect for pinned CPU tensors copied to CUDA.
-    """
-    x, y = batch[0], batch[1]
-    if x.device != device:
-        x = x.to(device, non_blocking=non_blocking)
-    if y.device != device:
-        y = y.to(device, non_blocking=non_blocking)
-    return x, y
+
+def to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """``data`` on ``device``: a tensor, or tensors nested in dicts, lists and tuples (Ignite's
+    ``convert_tensor``); a tensor already there is returned as is."""
+    if isinstance(data, torch.Tensor):
+        return data if data.device == device else data.to(device, non_blocking=non_blocking)
+    from ignite.utils import convert_tensor
+
+    return convert_tensor(data, device=device, non_blocking=non_blocking)
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch: a pair, or a dict with one target key (``label``, ``labels``,
+    ``target``, ``targets``, ``y``): the inputs are then the one other key (``{"image", "label"}``) or
+    the dict of all the others (``{"input_ids", "attention_mask", "labels"}``: the model takes a dict)."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping):
+        targets = [k for k in TARGET_KEYS if k in batch]
+        rest = [k for k in batch if k not in targets]
+        if len(targets) == 1 and rest:
+            if len(rest) == 1:
+                return batch[rest[0]], batch[targets[0]]
+            return {k: batch[k] for k in rest}, batch[targets[0]]
+        raise ConfigError(f"a batch is a dict with keys {', '.join(map(str, batch))}: name the target "
+                          f"{'/'.join(TARGET_KEYS)}, or pass prepare_batch=fn(batch, device, non_blocking) -> "
+                          f"(inputs, targets)")
+    what = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    raise ConfigError(f"a batch must be (inputs, targets) or a dict with a target key, got {what}: pass "
+                      f"prepare_batch=fn(batch, device, non_blocking) -> (inputs, targets)")
+
+
+def prepare_batch(batch: Any, device: torch.device, non_blocking: bool = False) -> tuple[Any, Any]:
+    """The default ``prepare_batch`` (Ignite's name and signature): :func:`split_batch`, then both
+    parts on ``device``."""
+    x, y = split_batch(batch)
+    return to_device(x, device, non_blocking), to_device(y, device, non_blocking)
+
+
+def move_batch(batch: Any, device: torch.device, non_blocking: bool = False) -> tuple[Any, Any]:
+    """Split an ``(x, y)`` batch and move both to ``device`` (see :func:`prepare_batch`)."""
+    return prepare_batch(batch, device, non_blocking)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, else the machine's available RAM
+    (``MemAvailable`` on Linux; elsewhere free pages)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: assume it fits

@@ -10,7 +10,9 @@ from ignite.metrics import Accuracy, Loss, Metric
 from torch import nn
 
 from engine.amp import autocast_context
-from engine.device import move_batch, resolve_device
+from engine.device import prepare_batch as default_prepare_batch
+from engine.device import resolve_device
+from engine.trainer import check_prediction
 
 __all__ = ["create_evaluator", "default_metrics"]
 
@@ -28,12 +30,18 @@ def create_evaluator(
     non_blocking: bool | None = None,
     amp: str | None = None,
     channels_last: bool = False,
+    prepare_batch: Callable[[Any, torch.device, bool], tuple[Any, Any]] | None = None,
+    model_transform: Callable[[Any], torch.Tensor] | None = None,
+    output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
 ) -> Engine:
     """Build an evaluator: an Ignite ``Engine`` whose output is ``(y_pred, y)``, with ``metrics`` attached.
 
     Metrics are exact per-sample means over the whole pass, a short last batch included;
-    after ``evaluator.run(loader)`` they are in ``evaluator.state.metrics``.
+    after ``evaluator.run(loader)`` they are in ``evaluator.state.metrics``. ``prepare_batch``,
+    ``model_transform`` and ``output_transform`` as for the trainer (Ignite's
+    ``create_supervised_evaluator``); the prepared input of the last batch is ``state.inputs``.
     """
+    prepare = prepare_batch or default_prepare_batch
     device = resolve_device(device)
     if non_blocking is None:
         non_blocking = device.type == "cuda"
@@ -43,11 +51,17 @@ def create_evaluator(
     def step(engine: Engine, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if model.training:
             model.eval()
-        x, y = move_batch(batch, device, non_blocking)
-        if channels_last and x.dim() == 4:
+        x, y = prepare(batch, device, non_blocking)
+        engine.state.inputs = x
+        if channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp):
-            y_pred = model(x)
+            out = model(x)
+            y_pred = model_transform(out) if model_transform is not None else out
+            if type(y_pred) is not torch.Tensor:
+                check_prediction(y_pred, model_transform is not None)
+        if output_transform is not None:
+            return output_transform(x, y, y_pred.float())
         return y_pred.float(), y
 
     engine = Engine(step)

@@ -8,6 +8,7 @@ import torch
 from ignite.engine import Engine
 from torch.utils.data import Sampler
 
+from engine.epoch import batch_in_epoch
 from engine.errors import ConfigError
 
 __all__ = ["ResumableRandomSampler"]
@@ -24,11 +25,16 @@ class ResumableRandomSampler(Sampler[int]):
     In a distributed run every rank draws the same permutation, cut to a multiple of
     ``world_size``, and takes ``perm[rank::world_size]``: equal, disjoint shards.
 
+    With ``keyed`` it yields ``(epoch, index)`` instead of ``index``: the key of a
+    :class:`~engine.seeding.SeededDataset`, whose per-sample draws then depend on the epoch and the
+    sample only (epochs count from 1, saved and restored with the order).
+
     Args:
         num_samples: size of the data set.
         seed: seed of the order.
         max_samples: cap per epoch on this rank (``None``: all), e.g. ``limit_batches * batch_size``.
         rank, world_size: this process's shard.
+        keyed: yield ``(epoch, index)`` pairs.
     """
 
     def __init__(
@@ -38,6 +44,7 @@ class ResumableRandomSampler(Sampler[int]):
         max_samples: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        keyed: bool = False,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in a world of size {world_size}")
@@ -51,6 +58,8 @@ class ResumableRandomSampler(Sampler[int]):
         self.rank = rank
         self.world_size = world_size
         self.max_samples = max_samples
+        self.keyed = keyed
+        self.epoch = 0  # orders drawn so far: the current order's epoch
         self._trainer: Engine | None = None
         self._batch_size = 1
         self.generator = torch.Generator().manual_seed(seed)
@@ -63,6 +72,7 @@ class ResumableRandomSampler(Sampler[int]):
         return shard if self.max_samples is None else min(shard, self.max_samples)
 
     def _draw(self) -> torch.Tensor:
+        self.epoch += 1
         self._epoch_rng = self.generator.get_state()
         order = torch.randperm(self.num_samples, generator=self.generator)
         order = order[: self.num_samples - self.num_samples % self.world_size][self.rank :: self.world_size]
@@ -74,7 +84,11 @@ class ResumableRandomSampler(Sampler[int]):
         else:
             order, start = self._draw(), 0
         self._order, self._offset = order, None
-        return iter(order[start:].tolist())
+        indices = order[start:].tolist()
+        if self.keyed:
+            epoch = self.epoch
+            return ((epoch, i) for i in indices)
+        return iter(indices)
 
     def attach(self, trainer: Engine, batch_size: int) -> "ResumableRandomSampler":
         """Follow ``trainer``, whose batches hold ``batch_size`` of this sampler's indices."""
@@ -87,10 +101,8 @@ class ResumableRandomSampler(Sampler[int]):
 
     def _position(self) -> int | None:
         """Samples of the current epoch the trainer has consumed; ``None`` at an epoch boundary."""
-        state = self._trainer.state if self._trainer is not None else None
-        if state is None or not state.epoch_length or state.iteration % state.epoch_length == 0:
-            return None
-        return (state.iteration - (state.epoch - 1) * state.epoch_length) * self._batch_size
+        done = batch_in_epoch(self._trainer.state if self._trainer is not None else None)
+        return done * self._batch_size if done else None
 
     def state_dict(self) -> dict[str, Any]:
         position = self._position()
@@ -98,16 +110,19 @@ class ResumableRandomSampler(Sampler[int]):
             "epoch_rng": (self._epoch_rng if self._epoch_rng is not None else self.generator.get_state()).clone(),
             "rng": self.generator.get_state().clone(),
             "position": position,
+            "epoch": self.epoch,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = {"epoch_rng", "rng", "position"} - set(state)
         if missing:
             raise ConfigError(f"sampler state lacks {sorted(missing)}")
+        epoch = int(state.get("epoch", 0))  # absent in checkpoints made before keyed sampling
         if state["position"] is None:  # at an epoch boundary: the next epoch draws a new order
             self.generator.set_state(state["rng"])
-            self._order, self._offset = None, None
+            self._order, self._offset, self.epoch = None, None, epoch
             return
         self.generator.set_state(state["epoch_rng"])
+        self.epoch = max(epoch - 1, 0)
         self._order = self._draw()
         self._offset = int(state["position"])

@@ -13,7 +13,7 @@ __all__ = ["OPTIMIZERS", "SCHEDULERS", "RunSettings"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "step", "cosine", "onecycle", "plateau")
-DATA_PATHS = ("memory", "torchvision")
+DATA_PATHS = ("auto", "memory", "loader", "torchvision")  # torchvision: the old name of loader
 
 
 @dataclass
@@ -28,8 +28,11 @@ class RunSettings:
             ``"auto"``: the newest valid ``last_*.pt`` there, or a path).
         recipe: ``epochs``, ``batch_size`` (global), ``val_batch_size``, ``optimizer``, ``lr``,
             ``weight_decay``, ``label_smoothing``, ``scheduler``, ``warmup_epochs``.
-        data: ``data_dir``, ``download``, ``data_path`` (``"memory"``: tensors on the device;
-            ``"torchvision"``: a ``DataLoader``), ``num_workers``, ``limit_train_batches``.
+        data: ``data_dir``, ``download``, ``data_path`` (``"auto"``: tensors on the device, any other
+            ``Dataset`` through a ``DataLoader``; ``"memory"``: read into tensors on the device;
+            ``"loader"``: a ``DataLoader``; ``"torchvision"`` is the old name of ``"loader"``),
+            ``num_workers``, ``limit_train_batches``, ``epoch_length`` (batches per epoch of a stream,
+            an ``IterableDataset``; default: one pass).
         what to watch: ``monitor`` (a key of ``trainer.state.metrics``; default ``val_accuracy``
             for classification, ``val_loss`` otherwise) and ``mode`` (``"max"``/``"min"``; default
             ``"min"`` when the name holds ``loss`` or ``error``, else ``"max"``): early stopping,
@@ -57,9 +60,10 @@ class RunSettings:
     warmup_epochs: float = 0.0
     data_dir: str = "./data"
     download: bool = True
-    data_path: str = "memory"
+    data_path: str = "auto"
     num_workers: int = 0
     limit_train_batches: int | None = None
+    epoch_length: int | None = None
     monitor: str | None = None
     mode: str | None = None
     val_every: int = 1
@@ -91,7 +95,9 @@ class RunSettings:
         """Raise :class:`ConfigError` naming the first field that cannot work."""
         for name in ("epochs", "batch_size", "val_batch_size", "val_every", "n_saved", "accumulation_steps"):
             _positive_int(self, name)
-        for name in ("limit_train_batches", "save_every_iters", "threads", "nproc_per_node"):
+        if self.data_path == "torchvision":
+            self.data_path = "loader"
+        for name in ("limit_train_batches", "epoch_length", "save_every_iters", "threads", "nproc_per_node"):
             if getattr(self, name) is not None:
                 _positive_int(self, name)
         for name in ("patience", "early_stop_warmup", "log_every", "tb_images_every", "num_workers"):

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from ignite.engine import Engine
 from torch import nn
 
 from engine.amp import autocast_context, make_grad_scaler
-from engine.device import move_batch, resolve_device
+from engine.device import prepare_batch as default_prepare_batch
+from engine.device import resolve_device
 from engine.errors import ConfigError
+from engine.seeding import batch_generator
 
-__all__ = ["TrainStep", "create_trainer"]
+__all__ = ["TrainStep", "check_prediction", "create_trainer"]
 
 _get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
 
@@ -23,6 +25,13 @@ class TrainStep:
     Its output is a dict that metric handlers read without a second forward pass:
     ``loss`` (0-d tensor, the batch mean), ``y_pred`` (detached logits), ``y`` and ``batch_size``;
     plus ``grad_norm`` on the steps where it was measured.
+
+    Batches and outputs of any shape, with Ignite's names (``create_supervised_trainer``):
+    ``prepare_batch(batch, device, non_blocking) -> (x, y)`` (default: a pair, or a dict with a
+    target key), ``model_transform(output) -> y_pred`` (e.g. ``lambda out: out["logits"]``),
+    ``output_transform(x, y, y_pred) -> (y_pred, y)``: what the training metrics see.
+    ``batch_transform(x, generator) -> x`` augments the batch on the device, drawing from a
+    generator seeded from ``(seed, epoch, iteration)`` (:mod:`engine.transforms`).
     """
 
     def __init__(
@@ -39,7 +48,16 @@ class TrainStep:
         clip_grad_norm: float | None = None,
         grad_norm_every: int = 0,
         channels_last: bool = False,
+        prepare_batch: Callable[[Any, torch.device, bool], tuple[Any, Any]] | None = None,
+        model_transform: Callable[[Any], torch.Tensor] | None = None,
+        output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
+        batch_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        seed: int = 0,
     ) -> None:
+        for name, fn in (("prepare_batch", prepare_batch), ("model_transform", model_transform),
+                         ("output_transform", output_transform), ("batch_transform", batch_transform)):
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"{name} must be callable, got {type(fn).__name__}")
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ConfigError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
         if clip_grad_norm is not None and not clip_grad_norm > 0:
@@ -57,6 +75,11 @@ class TrainStep:
         self.clip_grad_norm = clip_grad_norm
         self.grad_norm_every = grad_norm_every
         self.channels_last = channels_last
+        self.prepare_batch = prepare_batch or default_prepare_batch
+        self.model_transform = model_transform
+        self.output_transform = output_transform
+        self.batch_transform = batch_transform
+        self.seed = seed
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._wrapped = _innermost(model)
         autocast_context(device, amp)  # validates ``amp`` now rather than at the first batch
@@ -65,21 +88,29 @@ class TrainStep:
         model, optimizer, acc = self.model, self.optimizer, self.accumulation_steps
         if not self._wrapped.training:  # an evaluator switched the model (or the module inside DDP) to eval
             model.train()
-        x, y = move_batch(batch, self.device, self.non_blocking)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = self.prepare_batch(batch, self.device, self.non_blocking)
         iteration = engine.state.iteration
+        if self.batch_transform is not None:
+            x = self.batch_transform(x, batch_generator(self.seed, engine.state.epoch, iteration, x.device))
+        if self.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if acc == 1 or (iteration - 1) % acc == 0:
             optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.device, self.amp):
-            y_pred = model(x)
+            out = model(x)
+            y_pred = self.model_transform(out) if self.model_transform is not None else out
+            if type(y_pred) is not torch.Tensor:
+                check_prediction(y_pred, self.model_transform is not None)
             loss = self.loss_fn(y_pred, y)
         scaled = loss / acc if acc > 1 else loss
         if self.scaler is not None:
             self.scaler.scale(scaled).backward()
         else:
             scaled.backward()
-        output = {"loss": loss.detach(), "y_pred": y_pred.detach(), "y": y, "batch_size": y.shape[0]}
+        seen, target = y_pred.detach(), y
+        if self.output_transform is not None:
+            seen, target = self.output_transform(x, y, seen)
+        output = {"loss": loss.detach(), "y_pred": seen, "y": target, "batch_size": len(target)}
         if iteration % acc == 0:
             if self.scaler is not None:
                 self.scaler.unscale_(optimizer)
@@ -93,6 +124,23 @@ class TrainStep:
             else:
                 optimizer.step()
         return output
+
+
+def check_prediction(y_pred: Any, transformed: bool = False) -> None:
+    """Raise :class:`ConfigError` in one line unless ``y_pred`` is a tensor (what a loss can take),
+    naming what the model returned and the ``model_transform`` that would pick the tensor out."""
+    if isinstance(y_pred, torch.Tensor):
+        return
+    if isinstance(y_pred, Mapping):
+        what, fix = f"a dict with keys {', '.join(map(str, y_pred))}", f'lambda out: out["{next(iter(y_pred), "logits")}"]'
+    elif isinstance(y_pred, (tuple, list)):
+        what, fix = f"a {type(y_pred).__name__} of {len(y_pred)}", "lambda out: out[0]"
+    else:
+        what, fix = f"a {type(y_pred).__name__}", "a function returning the tensor of predictions"
+    if transformed:
+        raise ConfigError(f"model_transform returned {what}, not a tensor of predictions")
+    raise ConfigError(f"the model returned {what}, not a tensor: pass model_transform={fix} (the tensor the loss "
+                      f"and metrics take)")
 
 
 def _innermost(model: nn.Module) -> nn.Module:
@@ -129,12 +177,19 @@ def create_trainer(
     clip_grad_norm: float | None = None,
     grad_norm_every: int = 0,
     channels_last: bool = False,
+    prepare_batch: Callable[[Any, torch.device, bool], tuple[Any, Any]] | None = None,
+    model_transform: Callable[[Any], torch.Tensor] | None = None,
+    output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
+    batch_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    seed: int = 0,
 ) -> Engine:
     """Build the trainer: a plain Ignite ``Engine`` running :class:`TrainStep` on each batch.
 
     The model is moved to ``device`` (automatic: CUDA, then MPS, then CPU). ``amp`` is ``"bf16"``,
     ``"fp16"`` (with a ``GradScaler``, created when not given) or ``None``. Gradients are accumulated
     over ``accumulation_steps`` batches and, if ``clip_grad_norm`` is set, clipped to that L2 norm.
+    ``prepare_batch``, ``model_transform``, ``output_transform``, ``batch_transform`` and ``seed``:
+    see :class:`TrainStep`.
     The step object is ``engine.train_step``; the scaler, if any, ``engine.scaler`` (checkpoint it).
 
     Example:
@@ -163,6 +218,11 @@ def create_trainer(
         clip_grad_norm=clip_grad_norm,
         grad_norm_every=grad_norm_every,
         channels_last=channels_last,
+        prepare_batch=prepare_batch,
+        model_transform=model_transform,
+        output_transform=output_transform,
+        batch_transform=batch_transform,
+        seed=seed,
     )
     engine = Engine(step)
     engine.train_step = step

@@ -83,7 +83,7 @@ class MnistSettings(RunSettings):
 PRESETS = {
     "fast": {},  # the defaults above
     "seed": dict(model="seed", width=None, epochs=5, batch_size=64, val_batch_size=1000, lr=1e-3, scheduler="none",
-                 data_path="torchvision", channels_last=False, amp="fp32"),
+                 data_path="loader", channels_last=False, amp="fp32"),
 }  # fmt: skip
 
 
@@ -102,7 +102,7 @@ def load_mnist(s: MnistSettings) -> list:
     import torchvision
     from torchvision import transforms
 
-    memory = s.data_path == "memory"
+    memory = s.data_path in ("auto", "memory")  # tensors: the in-memory path
     normalize = transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))
     tf = None if memory else transforms.Compose([transforms.ToTensor(), normalize])
     sets = [load_dataset(torchvision.datasets.MNIST, s.data_dir, train=train, download=s.download, transform=tf,

@@ -86,7 +86,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings | N
     g.add_argument("--label-smoothing", type=non_negative_float)
     g.add_argument("--scheduler", choices=list(SCHEDULERS))
     g.add_argument("--warmup-epochs", type=non_negative_float)
-    g.add_argument("--data-path", choices=["memory", "torchvision"], help="tensors on the device, or a DataLoader")
+    g.add_argument("--data-path", choices=["auto", "memory", "loader", "torchvision"],
+                   help="auto: tensors on the device, any other Dataset through a DataLoader; memory: read into "
+                        "tensors on the device; loader: a DataLoader (torchvision: its old name)")
     g = p.add_argument_group("handlers")
     g.add_argument("--monitor", default=d.monitor,
                    help="metric that early stopping, best checkpoints and plateau LR follow (default: val_accuracy, "
@@ -115,6 +117,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings | N
     g.add_argument("--num-workers", type=non_negative_int, default=d.num_workers, help="DataLoader workers")
     g.add_argument("--limit-train-batches", type=positive_int, default=d.limit_train_batches,
                    help="cap training batches per epoch")
+    g.add_argument("--epoch-length", type=positive_int, default=d.epoch_length,
+                   help="batches per epoch of a stream (IterableDataset); default: one pass")
     g.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], default=d.amp,
                    help="precision; auto: bf16 where the hardware computes it natively, else fp32")
     g.add_argument("--accumulation-steps", type=positive_int, default=d.accumulation_steps)
@@ -149,9 +153,9 @@ def settings_from_args(args: argparse.Namespace, cls: type[S] = RunSettings,  # 
     a value (recipe flags default to ``None``: not given, the preset or the class default stands)."""
     values = dict(presets[args.preset]) if presets and getattr(args, "preset", None) else {}
     given = dict(vars(args))
-    for name in _NEGATED:
-        if "no_" + name in given:
-            given[name] = not given.pop("no_" + name)
+    for name in _NEGATED:  # --no-<name> given: off; not given: the preset's or the class's default stands
+        if given.pop("no_" + name, False):
+            given[name] = False
     fields = {f.name for f in dataclasses.fields(cls)}
     for key, value in given.items():
         if key in fields and value is not None:

@@ -40,14 +40,16 @@ class ConsoleLogger:
             every = self.log_every
 
             def due(engine: Engine, iteration: int) -> bool:
-                return ((iteration - 1) % engine.state.epoch_length + 1) % every == 0
+                length = engine.state.epoch_length  # None during a stream's first pass
+                return ((iteration - 1) % length + 1 if length else iteration) % every == 0
 
             trainer.add_event_handler(Events.ITERATION_COMPLETED(event_filter=due), self.batch_line)
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self.epoch_lines, Stage.LOGGING)
         return self
 
     def batch_line(self, engine: Engine) -> None:
-        batch = (engine.state.iteration - 1) % engine.state.epoch_length + 1
+        length = engine.state.epoch_length
+        batch = (engine.state.iteration - 1) % length + 1 if length else engine.state.iteration
         figures = _figures(self.train_metrics.running(), self.train_metrics.prefix, "Train")
         self.write(f"Epoch {engine.state.epoch}, Batch {batch}, {figures}")
 

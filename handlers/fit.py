@@ -16,7 +16,7 @@ import ignite.distributed as idist
 import torch
 from ignite.metrics import Accuracy, Loss, Metric
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from engine import (
     ConfigError,
@@ -29,11 +29,14 @@ from engine import (
     resolve_device,
 )
 from engine.amp import resolve_amp
+from engine.device import available_memory
+from engine.seeding import SeededDataset
+from engine.stream import StreamLoader, is_stateful_stream, make_stream_loader
 from handlers.console import write_line
 from handlers.metrics import SampleCount
 from handlers.run import Run, RunResult, attach_run
 
-__all__ = ["build_run", "fit", "make_loaders", "make_optimizer", "run_device"]
+__all__ = ["build_run", "data_route", "fit", "make_loaders", "make_optimizer", "read_into_memory", "run_device"]
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 
@@ -57,54 +60,136 @@ def run_device(settings: RunSettings) -> torch.device:
     return device
 
 
-def _as_tensors(data: Data, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _tensor_pair(data: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(inputs, targets)`` when ``data`` is held as tensors (a pair, or a two-tensor ``TensorDataset``)."""
     if isinstance(data, (tuple, list)):
         if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
-            raise ConfigError(f"the {name} data must be a Dataset or a pair of tensors (inputs, targets)")
+            raise ConfigError("the data must be a Dataset, an IterableDataset or a pair of tensors (inputs, targets)")
         return data[0], data[1]
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
         return data.tensors[0], data.tensors[1]
-    if len(data) == 0:
+    return None
+
+
+def data_route(data: Data, data_path: str) -> str:
+    """Which path ``data`` takes: ``memory`` (tensors on the device, sliced into batches), ``loader``
+    (a ``DataLoader`` over a map-style ``Dataset``) or ``stream`` (a ``DataLoader`` over an
+    ``IterableDataset``). ``auto`` follows the data: tensors to memory, any other ``Dataset`` to a loader."""
+    if isinstance(data, IterableDataset):
+        if data_path == "memory":
+            raise ConfigError(f"a stream (IterableDataset) cannot be read into memory: use {param('data_path', 'auto')}")
+        return "stream"
+    if not isinstance(data, Dataset):
+        _tensor_pair(data)  # raises for what is neither
+        return "memory" if data_path in ("auto", "memory") else "loader"
+    if data_path == "auto":
+        return "memory" if _tensor_pair(data) is not None else "loader"
+    return data_path
+
+
+def _nbytes(value: Any) -> int:
+    t = torch.as_tensor(value)
+    return t.nelement() * t.element_size()
+
+
+def read_into_memory(data: Dataset, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``(input, target)`` sample of ``data`` stacked into two tensors, once; refused in one line
+    (a :class:`ConfigError`) when they would not fit in the memory of ``device`` (and of the machine,
+    where they are built): their size is estimated from the first sample first."""
+    n = len(data)
+    if n == 0:
         raise ConfigError(f"the {name} set is empty: there is nothing to train or evaluate on")
-    samples = [data[i] for i in range(len(data))]  # once: every later epoch slices tensors
-    return torch.stack([torch.as_tensor(x) for x, _ in samples]), torch.stack([torch.as_tensor(y) for _, y in samples])
+    first = data[0]
+    if not isinstance(first, (tuple, list)) or len(first) != 2:
+        raise ConfigError(f"the {name} set's samples are {type(first).__name__}s, not (input, target) pairs: "
+                          f"only those can be read into memory; use {param('data_path', 'loader')}")
+    need = (_nbytes(first[0]) + _nbytes(first[1])) * n
+    places = [torch.device("cpu")] + ([device] if device.type != "cpu" else [])
+    for place in places:
+        free = available_memory(place)
+        if need > 0.8 * free:
+            where = "this machine's RAM" if place.type == "cpu" else f"{place}"
+            raise ConfigError(f"the {name} set would take about {_size(need)} in memory ({n} samples like the first), "
+                              f"more than {where} has free ({_size(free)}): use {param('data_path', 'loader')} "
+                              f"(or {param('data_path', 'auto')}) to read it batch by batch")
+    write_line(f"Reading the {name} set into memory ({n} samples, {_size(need)}): random transforms in its "
+               f"__getitem__ are drawn once, not every epoch ({param('data_path', 'loader')} draws them afresh)")
+    x0, y0 = torch.as_tensor(first[0]), torch.as_tensor(first[1])
+    x, y = torch.empty((n, *x0.shape), dtype=x0.dtype), torch.empty((n, *y0.shape), dtype=y0.dtype)
+    x[0], y[0] = x0, y0
+    for i in range(1, n):
+        xi, yi = data[i]
+        x[i], y[i] = torch.as_tensor(xi), torch.as_tensor(yi)
+    return x, y
 
 
-def _as_dataset(data: Data, name: str) -> Dataset:
-    if isinstance(data, Dataset):
-        return data
-    return TensorDataset(*_as_tensors(data, name))
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TB"
 
 
 def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.device) -> tuple[Any, Any]:
-    """The training and validation loaders this process iterates.
+    """The training and validation loaders this process iterates, each on the path its data takes
+    (:func:`data_route`):
 
-    ``settings.data_path == "memory"``: ``InMemoryLoader`` s over tensors on ``device`` (a
-    ``Dataset`` is read into tensors once); ``"torchvision"``: ``DataLoader`` s with a
-    ``ResumableRandomSampler``. Either way the order is seeded by ``settings.seed``, resumes
-    exactly, and in a distributed run each process gets its shard (``batch_size`` is global).
+    - ``memory``: an ``InMemoryLoader`` over tensors on ``device`` (a ``Dataset`` asked there with
+      ``data_path="memory"`` is read once, if it fits);
+    - ``loader``: a ``DataLoader`` with a keyed ``ResumableRandomSampler`` over a
+      :class:`~engine.seeding.SeededDataset`: random transforms in ``__getitem__`` are drawn afresh
+      each epoch, from ``(seed, epoch, batch)``, the same with any number of workers and after a resume;
+    - ``stream``: a :class:`~engine.stream.StreamLoader` over torchdata's ``StatefulDataLoader``; an
+      epoch is one pass, or ``settings.epoch_length`` batches.
+
+    Either way the order is seeded by ``settings.seed``, resumes exactly, and in a distributed run
+    each process gets its shard (``batch_size`` is global; a stream shards itself by rank).
     """
     rank, world = idist.get_rank(), idist.get_world_size()
     if settings.batch_size % world:
         raise ConfigError(f"{param('batch_size')} {settings.batch_size} is global: it must divide among "
                           f"{world} processes")
     batch, limit, seed = settings.batch_size // world, settings.limit_train_batches, settings.seed
-    if settings.data_path == "memory":
-        (x, y), (vx, vy) = _as_tensors(train, "training"), _as_tensors(val, "validation")
-        return (InMemoryLoader(x, y, batch, shuffle=True, seed=seed, device=device, max_batches=limit,
-                               rank=rank, world_size=world),
-                InMemoryLoader(vx, vy, settings.val_batch_size, shuffle=False, device=device, rank=rank,
-                               world_size=world))  # fmt: skip
-    train_set, val_set = _as_dataset(train, "training"), _as_dataset(val, "validation")
     workers = settings.num_workers
     kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    sampler = ResumableRandomSampler(len(train_set), seed=seed, max_samples=limit * batch if limit else None,
-                                     rank=rank, world_size=world)
-    train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler,
-                              generator=torch.Generator().manual_seed(seed), **kw)
+    route = data_route(train, settings.data_path)
+    if settings.epoch_length is not None and route != "stream":
+        raise ConfigError(f"{param('epoch_length')} is for streams (an IterableDataset); to train on part of each "
+                          f"epoch use {param('limit_train_batches')}")
+    if route == "memory":
+        x, y = _tensor_pair(train) or read_into_memory(train, "training", device)
+        train_loader: Any = InMemoryLoader(x, y, batch, shuffle=True, seed=seed, device=device, max_batches=limit,
+                                           rank=rank, world_size=world)
+    elif route == "loader":
+        train_set = train if isinstance(train, Dataset) else TensorDataset(*_tensor_pair(train))
+        sampler = ResumableRandomSampler(len(train_set), seed=seed, max_samples=limit * batch if limit else None,
+                                         rank=rank, world_size=world, keyed=True)
+        train_loader = DataLoader(SeededDataset(train_set, seed), batch_size=batch, sampler=sampler,
+                                  generator=torch.Generator().manual_seed(seed), **kw)
+    else:
+        lengths = [n for n in (settings.epoch_length, limit) if n]
+        loader = make_stream_loader(train, batch, generator=torch.Generator().manual_seed(seed), **kw)
+        train_loader = StreamLoader(loader, epoch_length=min(lengths, default=None))
+        if settings.save_every_iters and not is_stateful_stream(train):
+            write_line(f"The training stream has no state_dict: a resume mid-epoch reads again the batches that epoch "
+                       f"had consumed (exact when the stream yields the same items again)")
+    return train_loader, _val_loader(val, settings, device, rank, world, kw)
+
+
+def _val_loader(val: Data, settings: RunSettings, device: torch.device, rank: int, world: int, kw: dict) -> Any:
+    route = data_route(val, settings.data_path)
+    if route == "memory":
+        vx, vy = _tensor_pair(val) or read_into_memory(val, "validation", device)
+        return InMemoryLoader(vx, vy, settings.val_batch_size, shuffle=False, device=device, rank=rank,
+                              world_size=world)
+    order = torch.Generator().manual_seed(settings.seed)  # not the global RNG: the model's dropout draws from it
+    if route == "stream":
+        return DataLoader(val, batch_size=settings.val_batch_size, generator=order, **kw)
+    val_set = SeededDataset(val if isinstance(val, Dataset) else TensorDataset(*_tensor_pair(val)), settings.seed)
     if world > 1:
         val_set = Subset(val_set, range(rank, len(val_set), world))
-    return train_loader, DataLoader(val_set, batch_size=settings.val_batch_size, shuffle=False, **kw)
+    return DataLoader(val_set, batch_size=settings.val_batch_size, shuffle=False, generator=order, **kw)
 
 
 def build_run(
@@ -122,6 +207,10 @@ def build_run(
     denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     name: str = "run",
     extra_config: Mapping[str, Any] | None = None,
+    train_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    prepare_batch: Callable[[Any, torch.device, bool], tuple[Any, Any]] | None = None,
+    model_transform: Callable[[Any], torch.Tensor] | None = None,
+    output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
 ) -> Run:
     """Everything :func:`fit` does up to ``trainer.run``: the :class:`handlers.run.Run`, whose
     ``trainer``, ``evaluator`` and handlers you can still change before ``run.run()``.
@@ -146,13 +235,16 @@ def build_run(
     trainer = create_trainer(run_model, optimizer, loss_fn, device=device, amp=amp,
                              accumulation_steps=settings.accumulation_steps, clip_grad_norm=settings.clip_grad_norm,
                              grad_norm_every=settings.log_every if settings.tensorboard else 0,
-                             channels_last=settings.channels_last)
+                             channels_last=settings.channels_last, prepare_batch=prepare_batch,
+                             model_transform=model_transform, output_transform=output_transform,
+                             batch_transform=train_transform, seed=settings.seed)
     val_metrics: dict[str, Metric] = {"loss": Loss(_unsmoothed(loss_fn))}
     if classification:
         val_metrics["accuracy"] = Accuracy()
     val_metrics.update({**(metrics or {}), "samples": SampleCount()})
     evaluator = create_evaluator(eval_model, val_metrics, device=device, amp=amp,
-                                 channels_last=settings.channels_last)
+                                 channels_last=settings.channels_last, prepare_batch=prepare_batch,
+                                 model_transform=model_transform, output_transform=output_transform)
     return attach_run(trainer, evaluator, train_loader=train_loader, val_loader=val_loader, settings=settings,
                       to_save={"model": model, "optimizer": optimizer, **(to_save or {})},
                       classification=classification, handlers=handlers, denormalize=denormalize, name=name,
@@ -164,7 +256,9 @@ def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None =
 
     Args:
         model: any ``nn.Module``; moved to ``settings.device`` (DDP-wrapped in a distributed run).
-        train, val: a ``Dataset`` of ``(input, target)`` or a pair of tensors ``(inputs, targets)``.
+        train, val: a pair of tensors ``(inputs, targets)`` (held on the device), a ``Dataset``
+            (read batch by batch through a ``DataLoader``, its random transforms drawn afresh each
+            epoch) or an ``IterableDataset`` (a stream); see :func:`make_loaders`.
         settings: :class:`engine.RunSettings` (default: all defaults).
         loss_fn: default cross-entropy (with ``settings.label_smoothing``) for classification, else MSE.
         optimizer: default from ``settings`` (:func:`make_optimizer`).
@@ -175,6 +269,13 @@ def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None =
         to_save: more objects with ``state_dict`` to keep in every checkpoint.
         denormalize: maps normalised inputs back to [0, 1] for TensorBoard images.
         name: default folder name, ``runs/<name>-<timestamp>``.
+        train_transform: a batch transform ``fn(x, generator) -> x`` applied to each training batch
+            on the device (e.g. ``engine.transforms.Compose(RandomCrop(4), RandomHorizontalFlip())``),
+            its draws seeded from ``(seed, epoch, iteration)``; the evaluator never sees it.
+        prepare_batch: ``fn(batch, device, non_blocking) -> (x, y)`` (default: a pair, or a dict
+            with a ``label``/``labels``/``target``/``targets``/``y`` key).
+        model_transform: ``fn(model_output) -> y_pred``, for a model returning a dict or a tuple.
+        output_transform: ``fn(x, y, y_pred) -> (y_pred, y)``: what the metrics see.
 
     Seed the global RNG (``seed_everything(settings.seed)``) before building the model for a run
     that repeats bit for bit; the command-line layer does it before calling your function.

@@ -32,7 +32,8 @@ class LRSchedule:
     Args:
         name: one of :data:`SCHEDULERS`.
         optimizer: whose ``lr`` is scheduled; its current ``lr`` is the peak.
-        epochs, epoch_length: length of the run, for schedules defined over it.
+        epochs, epoch_length: length of the run, for schedules defined over it (``epoch_length``
+            ``None``, a stream of unknown length: ``none`` and ``plateau`` only).
         warmup_epochs: linear warm-up from ``lr / 100`` (onecycle: its rising phase; default 25%).
         step_epochs, gamma: ``step`` multiplies the LR by ``gamma`` every ``step_epochs`` epochs.
         plateau_patience, plateau_factor: ``plateau`` multiplies by ``factor`` after ``patience``
@@ -46,7 +47,7 @@ class LRSchedule:
         optimizer: torch.optim.Optimizer,
         *,
         epochs: int,
-        epoch_length: int,
+        epoch_length: int | None,
         warmup_epochs: float = 0.0,
         step_epochs: int | None = None,
         gamma: float = 0.1,
@@ -57,6 +58,10 @@ class LRSchedule:
     ) -> None:
         if name not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+        if epoch_length is None:  # a stream of unknown length: nothing defined over the run's iterations
+            if name not in ("none", "plateau") or warmup_epochs:
+                raise ValueError(f"{name} (and a warm-up) needs epoch_length; a stream's is unknown")
+            epoch_length = 1
         if not isinstance(epochs, int) or epochs < 1 or not isinstance(epoch_length, int) or epoch_length < 1:
             raise ValueError(f"epochs and epoch_length must be positive integers, got {epochs!r}, {epoch_length!r}")
         if not 0 <= warmup_epochs < epochs:

@@ -9,6 +9,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy, Loss, Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
+from engine.epoch import mid_epoch
 from handlers.ordering import Stage, attach_ordered
 
 __all__ = ["SampleCount", "TrainMetrics"]
@@ -91,8 +92,7 @@ class TrainMetrics:
         return {self.prefix + name: float(metric.compute()) for name, metric in self.metrics.items()}
 
     def _mid_epoch(self) -> bool:
-        state = self._trainer.state if self._trainer is not None else None
-        return bool(state and state.epoch_length and state.iteration % state.epoch_length)
+        return mid_epoch(self._trainer.state if self._trainer is not None else None)
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch's running sums, so that a run resumed mid-epoch reports the whole epoch."""

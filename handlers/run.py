@@ -21,6 +21,7 @@ import torch
 from ignite.engine import Engine
 
 from engine.distributed import PerRank
+from engine.epoch import mid_epoch
 from engine.errors import EXIT_NAN, EXIT_OK, ConfigError, param
 from engine.run_lock import RunLock
 from engine.settings import RunSettings
@@ -110,9 +111,7 @@ class Run:
     @property
     def done(self) -> bool:
         """Whether the trainer has already run every epoch (a finished run being resumed)."""
-        state = self.trainer.state
-        mid_epoch = bool(state.epoch_length and state.iteration % state.epoch_length)
-        return state.epoch >= self.settings.epochs and not mid_epoch
+        return self.trainer.state.epoch >= self.settings.epochs and not mid_epoch(self.trainer.state)
 
     def run(self) -> RunResult:
         """``trainer.run`` up to ``settings.epochs`` (or until a handler stops it), then :meth:`finish`."""
@@ -246,7 +245,7 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
     s, trainer, evaluator = run.settings, run.trainer, run.evaluator
     run.train_metrics = TrainMetrics(accuracy=run.classification).attach(trainer)
     Validation(evaluator, val_loader, every=s.val_every, watched={"monitor": run.monitor}).attach(trainer)
-    run.lr_schedule = LRSchedule(s.scheduler, to_save["optimizer"], epochs=s.epochs, epoch_length=len(run.train_loader),
+    run.lr_schedule = LRSchedule(s.scheduler, to_save["optimizer"], epochs=s.epochs, epoch_length=_epoch_length(run),
                                  warmup_epochs=s.warmup_epochs, metric=run.monitor, mode=run.mode).attach(trainer)
     run.history = History(run.output_dir / "history.json", extra={"lr": lambda: run.lr_schedule.lr}).attach(trainer)
     run.early_stopping = EarlyStopping(patience=s.patience, min_delta=s.min_delta, warmup=s.early_stop_warmup,
@@ -272,6 +271,18 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
     ConsoleLogger(run.train_metrics, log_every=s.log_every).attach(trainer)
     if progress_wanted(not s.progress):
         Progress().attach(trainer, evaluator)
+
+
+def _epoch_length(run: Run) -> int | None:
+    """Batches per epoch; ``None`` for a stream of unknown length (then no schedule defined over the run)."""
+    try:
+        return len(run.train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        if run.settings.scheduler not in ("none", "plateau") or run.settings.warmup_epochs:
+            raise ConfigError(f"{param('scheduler')} {run.settings.scheduler} (and {param('warmup_epochs')}) needs "
+                              f"the length of an epoch, which a stream does not tell: set {param('epoch_length')} "
+                              f"(batches per epoch), or use {param('scheduler')} none or plateau") from None
+        return None
 
 
 def _agree_on(path: Path | None, checkpoints: Path) -> None:

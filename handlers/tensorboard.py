@@ -86,17 +86,17 @@ class MisclassifiedCollector:
         index = (y * self.num_classes + pred).cpu()
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
         room = self.limit - len(self.images)
-        x = engine.state.batch[0]
-        if room > 0 and _is_image_batch(x):
+        x = getattr(engine.state, "inputs", None)  # the evaluator's prepared input
+        if room > 0 and _is_image_batch(x) and x.shape[0] == y.shape[0]:
             wrong = (pred != y).nonzero().flatten()[:room].cpu()
             for i in wrong.tolist():
                 self.images.append(x[i].detach().float().cpu().reshape(-1, *x.shape[-2:]))
                 self.labels.append((int(pred[i]), int(y[i])))
 
 
-def _is_image_batch(x: torch.Tensor) -> bool:
+def _is_image_batch(x: Any) -> bool:
     """(N, H, W) grey, or (N, C, H, W) with 1 or 3 channels: something to show as pictures."""
-    return x.dim() == 3 or (x.dim() == 4 and x.shape[1] in (1, 3))
+    return isinstance(x, torch.Tensor) and x.dim() == 3 or (x.dim() == 4 and x.shape[1] in (1, 3))
 
 
 class TensorBoardLogging:

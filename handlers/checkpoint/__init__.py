@@ -21,6 +21,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
+from engine.epoch import mid_epoch
 from engine.errors import CheckpointSaveError
 from handlers.adapters import checkpoint_items, set_checkpoint_items
 from handlers.checkpoint.loading import (
@@ -230,7 +231,7 @@ class TrainingCheckpoint:
         return self
 
     def _save_mid_epoch(self, engine: Engine) -> None:
-        if engine.state.iteration % engine.state.epoch_length:  # epoch ends save anyway
+        if mid_epoch(engine.state):  # epoch ends save anyway
             self.save(engine, best=False)
 
     def __call__(self, engine: Engine) -> None:

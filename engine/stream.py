@@ -1,0 +1,78 @@
+"""Streams: an ``IterableDataset`` through torchdata's ``StatefulDataLoader``, epochs cut from it, and
+its place saved in checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Iterator, Mapping
+
+from torch.utils.data import IterableDataset
+
+from engine.errors import ConfigError, param
+
+__all__ = ["StreamLoader", "is_stateful_stream", "make_stream_loader"]
+
+
+def is_stateful_stream(dataset: IterableDataset) -> bool:
+    """Whether the stream keeps its own position (``state_dict``/``load_state_dict``)."""
+    return callable(getattr(dataset, "state_dict", None)) and callable(getattr(dataset, "load_state_dict", None))
+
+
+def make_stream_loader(dataset: IterableDataset, batch_size: int, **kwargs: Any) -> Any:
+    """torchdata's ``StatefulDataLoader`` over ``dataset``: a ``DataLoader`` whose ``state_dict()`` says
+    how many batches it handed out, with each worker's stream position (the dataset's ``state_dict``, or
+    else a count of items to skip again on resume)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    logging.getLogger("torchdata.stateful_dataloader.stateful_dataloader").setLevel(logging.ERROR)  # we say it
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        return StatefulDataLoader(dataset, batch_size=batch_size, **kwargs)
+
+
+class StreamLoader:
+    """The training loader of a stream: each epoch is one pass over ``loader`` or, with
+    ``epoch_length``, that many batches, the next epoch going on where the last stopped (a new pass
+    begins when one ends).
+
+    ``state_dict()`` is the loader's: where the trainer stands in the current pass. A stream with
+    its own ``state_dict`` resumes mid-epoch from that position; one without is skipped forward
+    again over the batches the epoch had consumed (exact when the stream yields the same items again).
+    Without ``epoch_length`` the length of an epoch is unknown until the first pass ends (``len()``
+    raises ``TypeError``, as a ``DataLoader`` over a stream does).
+    """
+
+    def __init__(self, loader: Any, epoch_length: int | None = None) -> None:
+        if epoch_length is not None and (not isinstance(epoch_length, int) or epoch_length < 1):
+            raise ConfigError(f"{param('epoch_length')} must be a positive integer, got {epoch_length!r}")
+        self.loader = loader
+        self.epoch_length = epoch_length
+        self.dataset = loader.dataset
+        self.batch_size = loader.batch_size
+
+    def __len__(self) -> int:
+        if self.epoch_length is None:
+            raise TypeError("a stream's epoch has no length until its first pass ends")
+        return self.epoch_length
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.epoch_length is None:
+            yield from self.loader
+            return
+        empty_passes = 0
+        while True:  # Ignite cuts the epochs; the next one goes on with this generator
+            empty_passes += 1
+            for batch in self.loader:
+                empty_passes = 0
+                yield batch
+            if empty_passes > 1:  # (one empty pass: a resume at the very end of a pass)
+                raise ConfigError("the training stream yielded no batch: its __iter__ ended at once")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "loader" not in state:
+            raise ConfigError("stream state lacks 'loader'")
+        self.loader.load_state_dict(state["loader"])

@@ -1,0 +1,120 @@
+"""A user's own data through `fit` and `cli.main` (tests/user_program.py, real subprocesses, real SIGKILL):
+augmentation drawn afresh and resumed exactly with 0 and 2 workers, batch transforms on the fast path,
+streams with and without a position, dict batches and dict outputs, a data set far larger than memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train_mnist import figures
+
+PROGRAM = Path(__file__).resolve().parent / "user_program.py"
+pytestmark = pytest.mark.slow
+
+
+def program(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(PROGRAM), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def newest_state(run: Path) -> dict:
+    newest = max((run / "checkpoints").glob("last_iter=*.pt"), key=lambda p: int(p.stem.split("=")[1]))
+    return torch.load(newest, weights_only=True)
+
+
+def assert_same_tensors(a, b, where: str = "") -> None:
+    """Equal bit for bit, key by key, all the way down (model and optimizer states)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def history(run: Path) -> list[dict]:
+    return figures(json.loads((run / "history.json").read_text()))
+
+
+# 8 batches an epoch (256 samples; the streams: 200 samples, 7 batches); killed in epoch 2, one iteration
+# after a checkpoint (a handler of the user's runs before ours at the same event)
+KILLED = [("augment", 0, 13), ("augment", 2, 13), ("fast", 0, 13), ("stream", 0, 11), ("stream-stateless", 0, 11)]
+
+
+@pytest.mark.parametrize("kind, workers, kill_at", KILLED)
+def test_sigkill_mid_epoch_2_then_resume_equals_an_uninterrupted_run(tmp_path, kind, workers, kill_at):
+    args = ["--kind", kind, "--num-workers", str(workers), "--save-every-iters", "2", "--seed", "4"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = program(*args, "--output-dir", str(straight), "--record", str(tmp_path / "straight.txt"))
+    assert done.returncode == 0, done.stderr
+    first = program(*args, "--output-dir", str(killed), "--kill-at", str(kill_at), "--record", str(tmp_path / "k.txt"))
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    resumed = program(*args, "--output-dir", str(killed), "--resume", "auto", "--record", str(tmp_path / "k.txt"))
+    assert resumed.returncode == 0, resumed.stderr
+    saved_at = kill_at - 1
+    assert f"iteration {saved_at})" in resumed.stdout
+    if kind == "stream-stateless":
+        assert "a resume mid-epoch reads again the batches that epoch had consumed" in resumed.stdout
+    assert history(killed) == history(straight)
+    a, b = newest_state(straight), newest_state(killed)
+    assert_same_tensors(a["model"], b["model"], "model")
+    assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
+    # the batches after the checkpoint were the same batches again
+    records = (tmp_path / "k.txt").read_text().splitlines()
+    replayed = [line for line in records if int(line.split()[0]) > saved_at]
+    straight_records = (tmp_path / "straight.txt").read_text().splitlines()
+    assert sorted(set(replayed)) == sorted(line for line in straight_records if int(line.split()[0]) > saved_at)
+
+
+@pytest.mark.parametrize("kind", ["augment", "fast"])
+def test_the_same_run_with_0_and_2_workers_trains_on_identical_batches(tmp_path, kind):
+    logs = []
+    for workers in (0, 2):
+        log = tmp_path / f"w{workers}.txt"
+        done = program("--kind", kind, "--num-workers", str(workers), "--epochs", "2", "--output-dir",
+                       str(tmp_path / f"w{workers}"), "--record", str(log))
+        assert done.returncode == 0, done.stderr
+        logs.append(log.read_text())
+    assert logs[0] == logs[1] and len(logs[0].splitlines()) == 16
+    assert history(tmp_path / "w0") == history(tmp_path / "w2")
+
+
+def test_a_dict_batch_and_a_dict_output_train_to_the_end_and_without_model_transform_one_line(tmp_path):
+    done = program("--kind", "dict", "--epochs", "2", "--output-dir", str(tmp_path / "ok"))
+    assert done.returncode == 0, done.stderr
+    assert [row["epoch"] for row in history(tmp_path / "ok")] == [1, 2]
+    bad = program("--kind", "dict", "--no-model-transform", "--output-dir", str(tmp_path / "bad"))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        'error: the model returned a dict with keys logits, features, not a tensor: pass '
+        'model_transform=lambda out: out["logits"] (the tensor the loss and metrics take)']
+
+
+def test_a_lazy_set_of_two_million_samples_reaches_its_first_batch_and_refuses_memory_in_one_line(tmp_path):
+    done = program("--kind", "lazy", "--epochs", "1", "--limit-train-batches", "5", "--output-dir",
+                   str(tmp_path / "lazy"))
+    assert done.returncode == 0, done.stderr
+    seconds, rss = map(float, re.search(r"first batch after ([\d.]+) s, peak RSS ([\d.]+) GB", done.stdout).groups())
+    assert seconds < 10 and rss < 2, done.stdout
+    refused = program("--kind", "lazy", "--data-path", "memory", "--output-dir", str(tmp_path / "mem"))
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(r"error: the training set would take about [\d.]+ GB in memory \(2000000 "
+                                        r"samples like the first\), more than this machine's RAM has free", lines[0])
+    assert "use --data-path loader" in lines[0]

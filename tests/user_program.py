@@ -1,0 +1,187 @@
+"""A user's own program, as the README's: their data (augmenting CIFAR-shaped images, streams with and
+without a position, dict batches, a lazy set far larger than memory), their model, `fit` and `cli.main`.
+The tests run it as a real subprocess; `--kill-at N` sends this process a real SIGKILL after iteration
+N's checkpoint, `--record PATH` writes one line per training batch (iteration, checksum of its inputs)."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from ignite.engine import Engine, Events  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import Dataset, IterableDataset  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+
+from engine import RunSettings  # noqa: E402
+from engine.transforms import Compose, RandomCrop, RandomHorizontalFlip  # noqa: E402
+from handlers import cli, fit  # noqa: E402
+
+KINDS = ("augment", "fast", "stream", "stream-stateless", "dict", "lazy")
+
+
+def images(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=g)
+    y = (x[:, 0].mean((1, 2)) > x[:, 2].mean((1, 2))).long() + 2 * (x[:, 1, :8].mean((1, 2)) > 0.5).long()
+    return x, y
+
+
+class AugmentingImages(Dataset):
+    """CIFAR-shaped samples with a random crop and flip (torch's RNG), colour jitter (Python's) and
+    noise (NumPy's) in ``__getitem__``, as a user writes it."""
+
+    def __init__(self, n: int, seed: int, dicts: bool = False) -> None:
+        self.x, self.y = images(n, seed)
+        self.dicts = dicts
+        self.tf = v2.Compose([v2.RandomCrop(16, padding=2), v2.RandomHorizontalFlip()])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        x = self.tf(self.x[i]) * random.uniform(0.9, 1.1)
+        x = x + torch.from_numpy(np.random.normal(0, 0.01, x.shape).astype(np.float32))
+        return {"image": x, "label": self.y[i]} if self.dicts else (x, self.y[i])
+
+
+class PositionStream(IterableDataset):
+    """A stream of generated samples; with ``stateful`` it keeps its position (``state_dict``)."""
+
+    def __init__(self, n: int, seed: int, stateful: bool) -> None:
+        self.x, self.y = images(n, seed)
+        self.pos = 0
+        if stateful:
+            self.state_dict = lambda: {"pos": self.pos}
+            self.load_state_dict = lambda state: setattr(self, "pos", state["pos"])
+
+    def __iter__(self):
+        start, self.pos = (self.pos, self.pos) if hasattr(self, "state_dict") else (0, 0)
+        for i in range(start, len(self.x)):
+            self.pos = i + 1
+            yield self.x[i], self.y[i]
+        self.pos = 0
+
+
+class LazyImages(Dataset):
+    """``n`` samples of 3x64x64 made on demand: ~49 KB each, 98 GB for two million."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(i)
+        return torch.rand(3, 64, 64, generator=g), i % 4
+
+
+class Net(nn.Module):
+    def __init__(self, dict_output: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                                 nn.Flatten(), nn.Dropout(0.2), nn.Linear(128, 4))  # fmt: skip
+        self.dict_output = dict_output
+
+    def forward(self, x: torch.Tensor):
+        out = self.net(x)
+        return {"logits": out, "features": x.mean()} if self.dict_output else out
+
+
+class KillAt:
+    """SIGKILL this process after iteration ``at`` (after our checkpoint handler of that iteration)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def attach(self, trainer: Engine) -> "KillAt":
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=self.at), lambda _: os.kill(os.getpid(), signal.SIGKILL))
+        return self
+
+
+class Record:
+    """One line per training batch: iteration and a checksum of the inputs the model saw."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def attach(self, trainer: Engine) -> "Record":
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
+        return self
+
+    def __call__(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        x = batch["image"] if isinstance(batch, dict) else batch[0]
+        with open(self.path, "a") as f:
+            f.write(f"{engine.state.iteration} {float(x.double().sum()):.10e} {float((x.double() ** 2).sum()):.10e}\n")
+
+
+class FirstBatch:
+    """Prints the seconds from ``fit`` to the first batch and the process's peak RSS then."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+
+    def attach(self, trainer: Engine) -> "FirstBatch":
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), self)
+        return self
+
+    def __call__(self, engine: Engine) -> None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        print(f"first batch after {time.perf_counter() - self.started:.2f} s, peak RSS {rss:.2f} GB", flush=True)
+
+
+@dataclass
+class Settings(RunSettings):
+    kind: str = "augment"
+    kill_at: int | None = None
+    record: str | None = None
+    model_transform: bool = True
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-2
+    log_every: int = 0
+    progress: bool = False
+    tensorboard: bool = False
+    patience: int = 0
+
+
+def train(s: Settings):
+    started = time.perf_counter()
+    extra = [KillAt(s.kill_at)] if s.kill_at else []
+    extra += [Record(s.record)] if s.record else []
+    options = {}
+    if s.kind in ("augment", "dict"):
+        train_set, val_set = AugmentingImages(256, 1, s.kind == "dict"), AugmentingImages(96, 2, s.kind == "dict")
+    elif s.kind == "fast":
+        train_set, val_set = images(256, 1), images(96, 2)
+        options["train_transform"] = Compose(RandomCrop(2), RandomHorizontalFlip())
+    elif s.kind.startswith("stream"):
+        stateful = s.kind == "stream"
+        train_set, val_set = PositionStream(200, 1, stateful), PositionStream(96, 2, stateful)
+    else:
+        train_set, val_set = LazyImages(2_000_000), LazyImages(64)
+        extra.append(FirstBatch(started))
+    if s.kind == "dict" and s.model_transform:
+        options["model_transform"] = lambda out: out["logits"]
+    return fit(Net(s.kind == "dict"), train_set, val_set, s, name=s.kind, handlers=extra, **options)
+
+
+if __name__ == "__main__":
+    parser = cli.run_parser("A user's program.", Settings())
+    parser.add_argument("--kind", choices=KINDS, default="augment")
+    parser.add_argument("--kill-at", type=cli.positive_int)
+    parser.add_argument("--record")
+    parser.add_argument("--no-model-transform", dest="model_transform", action="store_false", default=None)
+    sys.exit(cli.main(train, parser, Settings))

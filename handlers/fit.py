@@ -248,7 +248,9 @@ def build_run(
     return attach_run(trainer, evaluator, train_loader=train_loader, val_loader=val_loader, settings=settings,
                       to_save={"model": model, "optimizer": optimizer, **(to_save or {})},
                       classification=classification, handlers=handlers, denormalize=denormalize, name=name,
-                      extra_config={"device": str(device), "precision": amp or "fp32", **(extra_config or {})})
+                      extra_config={"device": str(device), "precision": amp or "fp32",
+                                    **({"train_transform": repr(train_transform)} if train_transform else {}),
+                                    **(extra_config or {})})
 
 
 def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None = None, **options: Any) -> RunResult:

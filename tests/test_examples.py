@@ -37,7 +37,7 @@ def run(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) ->
                           env=full_env)
 
 
-@pytest.mark.parametrize("name, limit", [("train_mnist.py", 150), ("train_cifar10.py", 80)])
+@pytest.mark.parametrize("name, limit", [("train_mnist.py", 150), ("train_cifar10.py", 100)])
 def test_examples_are_short_and_hold_no_run_machinery(name, limit):
     source = (EXAMPLES / name).read_text()
     assert len(source.splitlines()) <= limit
@@ -121,21 +121,27 @@ def test_a_custom_model_killed_mid_epoch_and_resumed_auto_equals_an_uninterrupte
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cifar10_example_on_synthetic_data_trains_and_shows_colour(tmp_path):
+@pytest.mark.parametrize("path", ["auto", "loader"])
+def test_cifar10_example_on_synthetic_data_trains_with_crop_and_flip_and_shows_colour(tmp_path, path):
     out = tmp_path / "cifar"
     proc = run(str(EXAMPLES / "train_cifar10.py"), "--synthetic", "256", "--epochs", "2", "--batch-size", "64",
-               "--val-batch-size", "128", "--width", "8", "--output-dir", str(out), *QUIET, cwd=tmp_path)
+               "--val-batch-size", "128", "--width", "8", "--output-dir", str(out), "--data-path", path,
+               "--num-workers", "2" if path == "loader" else "0", *QUIET, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((out / "history.json").read_text())
     assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["val_samples"] == 256
-    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
-    acc.Reload()
-    grid = acc.Images("val/misclassified")[-1]
-    pixels = np.asarray(Image.open(io.BytesIO(grid.encoded_image_string)).convert("RGB")).astype(int)
-    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
-    assert (red != green).mean() > 0.1 and (green != blue).mean() > 0.1  # colour, not one channel repeated
     config = json.loads((out / "config.json").read_text())
-    assert (config["synthetic"], config["width"], config["data_path"]) == (256, 8, "memory")
+    assert (config["synthetic"], config["width"], config["data_path"], config["augment"]) == (256, 8, path, True)
+    if path == "auto":  # on the device, per sample; the loader path: torchvision's transforms in the workers
+        assert config["train_transform"] == "Compose(RandomCrop(padding=4), RandomHorizontalFlip(p=0.5))"
+        acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
+        acc.Reload()
+        grid = acc.Images("val/misclassified")[-1]
+        pixels = np.asarray(Image.open(io.BytesIO(grid.encoded_image_string)).convert("RGB")).astype(int)
+        red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+        assert (red != green).mean() > 0.1 and (green != blue).mean() > 0.1  # colour, not one channel repeated
+    else:
+        assert "train_transform" not in config
 
 
 def test_cifar10_missing_offline_is_one_line_and_exit_2(tmp_path):

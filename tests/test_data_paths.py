@@ -1,0 +1,216 @@
+"""Which path data takes, batch transforms, per-batch seeding, streams, dict batches: in-process, small."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from ignite.engine import Events
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torchvision.transforms import v2
+
+from engine import ConfigError, InMemoryLoader, ResumableRandomSampler, RunSettings
+from engine.device import split_batch
+from engine.seeding import SeededDataset, batch_generator
+from engine.stream import StreamLoader
+from engine.transforms import Compose, RandomCrop, RandomHorizontalFlip
+from handlers import fit, seed_everything
+from handlers.fit import data_route, make_loaders
+
+QUIET = dict(progress=False, log_every=0, tensorboard=False, patience=0)
+
+
+class Augmenting(Dataset):
+    """Random crop and flip in ``__getitem__`` (torch's RNG); counts its calls."""
+
+    def __init__(self, n: int = 64) -> None:
+        self.x = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        self.y = torch.arange(n) % 3
+        self.tf = v2.Compose([v2.RandomCrop(8, padding=2), v2.RandomHorizontalFlip()])
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        self.calls += 1
+        return self.tf(self.x[i]), self.y[i]
+
+
+class Stream(IterableDataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield torch.full((3,), float(i)), i % 2
+
+
+class SampleLog:
+    """Every training sample of every epoch, as bytes (to count repeats across epochs)."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, set[bytes]] = {}
+
+    def attach(self, trainer) -> "SampleLog":
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
+        return self
+
+    def __call__(self, engine) -> None:
+        x = engine.state.batch[0]
+        self.epochs.setdefault(engine.state.epoch, set()).update(s.numpy().tobytes() for s in x)
+
+
+def flat_net(features: int, classes: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, classes))
+
+
+@pytest.mark.parametrize("data, path, expected", [
+    ((torch.zeros(4, 2), torch.zeros(4)), "auto", "memory"),
+    (TensorDataset(torch.zeros(4, 2), torch.zeros(4)), "auto", "memory"),
+    (Augmenting(), "auto", "loader"),
+    (Augmenting(), "memory", "memory"),
+    ((torch.zeros(4, 2), torch.zeros(4)), "loader", "loader"),
+    (Stream(4), "auto", "stream"),
+    (Stream(4), "loader", "stream"),
+])  # fmt: skip
+def test_the_path_follows_the_data(data, path, expected):
+    assert data_route(data, path) == expected
+
+
+def test_torchvision_is_the_old_name_of_loader_and_a_stream_is_not_read_into_memory():
+    assert RunSettings(data_path="torchvision").data_path == "loader"
+    assert RunSettings().data_path == "auto"
+    with pytest.raises(ConfigError, match="a stream \\(IterableDataset\\) cannot be read into memory"):
+        data_route(Stream(4), "memory")
+    with pytest.raises(ConfigError, match="epoch_length is for streams"):
+        make_loaders(Augmenting(), Augmenting(), RunSettings(epoch_length=3), torch.device("cpu"))
+
+
+def test_default_settings_draw_a_datasets_augmentation_afresh_every_epoch(tmp_path):
+    data, log = Augmenting(64), SampleLog()
+    fit(flat_net(192), data, Augmenting(16), RunSettings(output_dir=str(tmp_path / "r"), epochs=3, batch_size=16,
+                                                         **QUIET), handlers=[log])  # fmt: skip
+    assert data.calls >= 3 * 64
+    for epoch in (2, 3):
+        assert len(log.epochs[1] & log.epochs[epoch]) < 64 * 0.2  # a crop of 2 and a flip: few repeats
+
+
+def test_asked_into_memory_a_dataset_is_read_once_and_says_its_transforms_are_drawn_once(tmp_path, capsys):
+    data, log = Augmenting(64), SampleLog()
+    fit(flat_net(192), data, Augmenting(16), RunSettings(output_dir=str(tmp_path / "r"), epochs=2, batch_size=16,
+                                                         data_path="memory", **QUIET), handlers=[log])  # fmt: skip
+    assert data.calls == 64 and log.epochs[1] == log.epochs[2]
+    out = capsys.readouterr().out
+    assert ("Reading the training set into memory (64 samples, 48.5 KB): random transforms in its __getitem__ are "
+            "drawn once, not every epoch (data_path='loader' draws them afresh)") in out
+
+
+def test_seeded_batches_depend_on_epoch_and_batch_only_and_leave_the_global_rng_alone():
+    data = SeededDataset(Augmenting(8), seed=3)
+    torch.manual_seed(0)
+    before = torch.get_rng_state(), random.getstate()
+    a = data.__getitems__([(1, 5), (1, 2)])
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    torch.manual_seed(123)  # another global state: the same draws
+    b = data.__getitems__([(1, 5), (1, 2)])
+    c = data.__getitems__([(2, 5), (2, 2)])
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+def test_a_keyed_sampler_yields_epochs_and_keeps_them_through_its_state():
+    sampler = ResumableRandomSampler(6, seed=1, keyed=True)
+    first, second = list(sampler), list(sampler)
+    assert {e for e, _ in first} == {1} and {e for e, _ in second} == {2}
+    again = ResumableRandomSampler(6, seed=1, keyed=True)
+    again.load_state_dict({**sampler.state_dict(), "position": None})
+    assert {e for e, _ in again} == {3}
+
+
+def test_random_crop_and_flip_draw_per_sample_from_the_generator():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6).repeat(32, 1, 1, 1)
+    crop = RandomCrop(2)
+    out = crop(x, batch_generator(0, 1, 1, "cpu"))
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    windows = [{(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(padded[i, :, dy:dy + 6, dx:dx + 6], o)}
+               for i, o in enumerate(out)]
+    assert all(windows) and len({min(w) for w in windows}) > 5  # each a true window; offsets differ per sample
+    assert torch.equal(out, crop(x, batch_generator(0, 1, 1, "cpu")))  # same (seed, epoch, iteration): same
+    flipped = RandomHorizontalFlip()(x, batch_generator(0, 1, 2, "cpu"))
+    same = [torch.equal(f, o) for f, o in zip(flipped, x)]
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in zip(flipped, x))
+    assert 0 < sum(same) < len(same)
+    assert "RandomCrop(padding=2)" in repr(Compose(crop, RandomHorizontalFlip()))
+    with pytest.raises(ValueError, match=r"RandomCrop takes a batch of images \[N, C, H, W\], got \(3, 6, 6\)"):
+        crop(x[0], batch_generator(0, 1, 1, "cpu"))
+
+
+def test_the_fast_path_applies_train_transform_to_training_batches_only(tmp_path):
+    seen = []
+
+    def transform(x, generator):
+        seen.append(x.shape[0])
+        return RandomHorizontalFlip()(x, generator)
+
+    x, y = torch.rand(40, 3, 4, 4), torch.arange(40) % 3
+    seed_everything(0)
+    result = fit(flat_net(48), (x, y), (x, y), RunSettings(output_dir=str(tmp_path / "r"), epochs=2, batch_size=16,
+                                                           **QUIET), train_transform=transform)  # fmt: skip
+    assert result.exit_code == 0 and seen == [16, 16, 8] * 2
+
+
+def test_a_stream_trains_one_pass_an_epoch_or_epoch_length_batches_going_on(tmp_path):
+    log = SampleLog()
+    result = fit(flat_net(3, 2), Stream(50), Stream(10), RunSettings(output_dir=str(tmp_path / "a"), epochs=2,
+                                                                       batch_size=16, **QUIET), handlers=[log])
+    assert [r["iteration"] for r in result.history] == [4, 8] and log.epochs[1] == log.epochs[2]
+    log = SampleLog()
+    result = fit(flat_net(3, 2), Stream(50), Stream(10), RunSettings(output_dir=str(tmp_path / "b"), epochs=3,
+                                                                       batch_size=10, epoch_length=2, **QUIET),
+                 handlers=[log])  # fmt: skip
+    assert [r["iteration"] for r in result.history] == [2, 4, 6]
+    items = [sorted(int(torch.frombuffer(bytearray(b), dtype=torch.float32)[0]) for b in log.epochs[e])
+             for e in (1, 2, 3)]
+    assert items == [list(range(20)), list(range(20, 40)), [*range(10), *range(40, 50)]]  # going on, pass after pass
+
+
+def test_a_schedule_over_the_run_needs_a_streams_epoch_length(tmp_path):
+    with pytest.raises(ConfigError, match="scheduler onecycle .* needs the length of an epoch, which a stream does "
+                                          "not tell: set epoch_length"):
+        fit(flat_net(3, 2), Stream(20), Stream(10), RunSettings(output_dir=str(tmp_path / "r"), scheduler="onecycle",
+                                                                **QUIET))  # fmt: skip
+
+
+def test_a_stream_loader_refuses_a_stream_that_yields_nothing():
+    loader = StreamLoader(DataLoader(Stream(0), batch_size=2), epoch_length=3)
+    with pytest.raises(ConfigError, match="the training stream yielded no batch"):
+        next(iter(loader))
+
+
+@pytest.mark.parametrize("batch, inputs", [
+    ({"image": torch.ones(2, 3), "label": torch.zeros(2)}, "tensor"),
+    ({"input_ids": torch.ones(2, 3), "attention_mask": torch.ones(2, 3), "labels": torch.zeros(2)}, "dict"),
+    ([torch.ones(2, 3), torch.zeros(2)], "tensor"),
+])  # fmt: skip
+def test_batches_split_into_inputs_and_targets(batch, inputs):
+    x, y = split_batch(batch)
+    assert isinstance(x, torch.Tensor if inputs == "tensor" else dict) and torch.equal(y, torch.zeros(2))
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({"image": torch.ones(2)}, "a batch is a dict with keys image: name the target label/labels/target/targets/y"),
+    ((torch.ones(2), torch.ones(2), torch.ones(2)), "a batch must be \\(inputs, targets\\) or a dict with a target "
+                                                    "key, got a tuple of 3: pass prepare_batch="),
+])  # fmt: skip
+def test_a_batch_that_cannot_be_split_says_so_in_one_line(batch, message):
+    with pytest.raises(ConfigError, match=message):
+        split_batch(batch)
+
+
+def test_a_memory_loader_still_takes_tensors_directly():
+    loader = InMemoryLoader(torch.zeros(10, 2), torch.zeros(10), 4, shuffle=False)
+    assert [b[0].shape[0] for b in loader] == [4, 4, 2]

@@ -27,6 +27,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/data_path.py
+	$(BIN)/python benchmarks/augment.py
 	$(BIN)/python benchmarks/time_to_accuracy.py
 
 clean-venv:

@@ -1,4 +1,4 @@
-"""Every place where we rely on a private attribute of Ignite or tensorboardX, and only here.
+"""Every place where we rely on a private attribute of Ignite, tensorboardX or PyTorch's DataLoader, and only here.
 
 ``tests/test_adapters.py`` exercises each function against the installed versions, so a release
 that renames one of these attributes fails that test loudly instead of breaking a run quietly.
@@ -15,7 +15,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 __all__ = ["add_image_fast", "checkpoint_items", "exception_handler_count", "flush_tensorboardx",
-           "set_checkpoint_items"]
+           "release_workers", "set_checkpoint_items"]
 
 
 def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
@@ -65,3 +65,17 @@ def add_image_fast(writer: Any, tag: str, image: torch.Tensor, step: int) -> Non
     height, width, channels = pixels.shape
     record = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue())
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=record)]), step)
+
+
+def release_workers(loader: Any) -> bool:
+    """Stop the persistent workers of a ``DataLoader`` (or of the loader inside a stream's
+    ``StreamLoader``) now; whether there were any. Left alive after a run, they are inherited by the
+    workers the next ``DataLoader`` forks, which then fail in their garbage collection with
+    'can only test a child process' tracebacks (two ``fit`` calls in one process)."""
+    loader = getattr(loader, "loader", loader)
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+        return False
+    iterator._shutdown_workers()
+    loader._iterator = None
+    return True

@@ -25,6 +25,7 @@ from engine.epoch import mid_epoch
 from engine.errors import EXIT_NAN, EXIT_OK, ConfigError, param
 from engine.run_lock import RunLock
 from engine.settings import RunSettings
+from handlers.adapters import release_workers
 from handlers.checkpoint import TrainingCheckpoint, find_resume_checkpoint, load_checkpoint, restore
 from handlers.console import ConsoleLogger, write_line
 from handlers.early_stopping import EarlyStopping
@@ -106,6 +107,7 @@ class Run:
         self.stop: GracefulStop | None = None  # set with the other handlers by attach_run
         self.tensorboard: TensorBoardLogging | None = None
         self.resumed_from: Path | None = None
+        self.val_loader: Iterable | None = None  # set by attach_run
         self.config: dict[str, Any] = {}
 
     @property
@@ -156,6 +158,8 @@ class Run:
             self.stop.uninstall()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        for loader in (self.train_loader, self.val_loader):
+            release_workers(loader)
         if self.lock is not None:
             self.lock.release()
 
@@ -212,6 +216,7 @@ def attach_run(
         path = Path(settings.resume)
         resume_state = (path, load_checkpoint(path, log=write_line))  # a bad file fails here, before any work
     run = Run(trainer, evaluator, train_loader, settings, out, classification)
+    run.val_loader = val_loader
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         run.lock = RunLock(out).acquire()

@@ -72,3 +72,19 @@ def test_fast_images_read_back_as_tensorboardx_writes_them(tmp_path):
     assert (fast.step, fast.width, fast.height) == (slow.step, slow.width, slow.height) == (7, 30, 20)
     decoded = [np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")) for e in (fast, slow)]
     assert (decoded[0] == image.permute(1, 2, 0).numpy()).all() and (decoded[0] == decoded[1]).all()
+
+
+def test_release_workers_stops_a_loaders_persistent_workers():
+    from torch.utils.data import DataLoader
+
+    from handlers.adapters import release_workers
+
+    loader = DataLoader(list(range(8)), batch_size=4, num_workers=1, persistent_workers=True)
+    assert [len(b) for b in loader] == [4, 4]
+    workers = list(loader._iterator._workers)
+    assert release_workers(loader) and loader._iterator is None
+    for w in workers:
+        w.join(timeout=10)
+    assert not any(w.is_alive() for w in workers)
+    assert not release_workers(loader) and [len(b) for b in loader] == [4, 4]  # usable again
+    release_workers(loader)

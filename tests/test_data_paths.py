@@ -214,3 +214,16 @@ def test_a_batch_that_cannot_be_split_says_so_in_one_line(batch, message):
 def test_a_memory_loader_still_takes_tensors_directly():
     loader = InMemoryLoader(torch.zeros(10, 2), torch.zeros(10), 4, shuffle=False)
     assert [b[0].shape[0] for b in loader] == [4, 4, 2]
+
+
+def test_progress_over_a_stream_counts_without_a_total_until_the_first_pass_ends(capsys):
+    from ignite.engine import Engine
+
+    from engine.stream import make_stream_loader
+    from handlers.progress import Progress
+
+    trainer = Engine(lambda engine, batch: {"loss": torch.tensor(1.0)})
+    Progress(every=2).attach(trainer)
+    state = trainer.run(StreamLoader(make_stream_loader(Stream(45), 4)), max_epochs=2)
+    err = capsys.readouterr().err
+    assert state.epoch_length == 12 and "Epoch [1/2]: [10/?]" in err and "Epoch [2/2]: [10/12]" in err

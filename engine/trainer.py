@@ -132,7 +132,8 @@ def check_prediction(y_pred: Any, transformed: bool = False) -> None:
     if isinstance(y_pred, torch.Tensor):
         return
     if isinstance(y_pred, Mapping):
-        what, fix = f"a dict with keys {', '.join(map(str, y_pred))}", f'lambda out: out["{next(iter(y_pred), "logits")}"]'
+        first = next(iter(y_pred), "logits")
+        what, fix = f"a dict with keys {', '.join(map(str, y_pred))}", f'lambda out: out["{first}"]'
     elif isinstance(y_pred, (tuple, list)):
         what, fix = f"a {type(y_pred).__name__} of {len(y_pred)}", "lambda out: out[0]"
     else:

@@ -77,7 +77,8 @@ def data_route(data: Data, data_path: str) -> str:
     ``IterableDataset``). ``auto`` follows the data: tensors to memory, any other ``Dataset`` to a loader."""
     if isinstance(data, IterableDataset):
         if data_path == "memory":
-            raise ConfigError(f"a stream (IterableDataset) cannot be read into memory: use {param('data_path', 'auto')}")
+            raise ConfigError(f"a stream (IterableDataset) cannot be read into memory: "
+                              f"use {param('data_path', 'auto')}")
         return "stream"
     if not isinstance(data, Dataset):
         _tensor_pair(data)  # raises for what is neither
@@ -170,7 +171,7 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
     else:
         lengths = [n for n in (settings.epoch_length, limit) if n]
         loader = make_stream_loader(train, batch, generator=torch.Generator().manual_seed(seed), **kw)
-        train_loader = StreamLoader(loader, epoch_length=min(lengths, default=None))
+        train_loader = StreamLoader(loader, epoch_length=min(lengths, default=None), log=write_line)
         if settings.save_every_iters and not is_stateful_stream(train):
             write_line(f"The training stream has no state_dict: a resume mid-epoch reads again the batches that epoch "
                        f"had consumed (exact when the stream yields the same items again)")

@@ -71,6 +71,8 @@ def test_sigkill_mid_epoch_2_then_resume_equals_an_uninterrupted_run(tmp_path, k
     assert f"iteration {saved_at})" in resumed.stdout
     if kind == "stream-stateless":
         assert "a resume mid-epoch reads again the batches that epoch had consumed" in resumed.stdout
+        assert ("The stream has no state_dict: reading again the 3 batch(es) of this pass it had consumed"
+                in resumed.stdout)
     assert history(killed) == history(straight)
     a, b = newest_state(straight), newest_state(killed)
     assert_same_tensors(a["model"], b["model"], "model")

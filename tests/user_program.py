@@ -106,7 +106,8 @@ class KillAt:
         self.at = at
 
     def attach(self, trainer: Engine) -> "KillAt":
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=self.at), lambda _: os.kill(os.getpid(), signal.SIGKILL))
+        kill = lambda _: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=self.at), kill)
         return self
 
 

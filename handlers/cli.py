@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import logging
 import math
 import os
 import signal
@@ -30,8 +29,10 @@ import torch
 from engine import distributed
 from engine.errors import EXIT_PEER, EXIT_SAVE, EXIT_USAGE, CheckpointSaveError, ConfigError, flag_names, param
 from engine.settings import OPTIMIZERS, SCHEDULERS, RunSettings
+from handlers.console import quiet_ignite
 from handlers.rng import seed_everything
 from handlers.run import RunResult
+from handlers.user_errors import FULL_TRACEBACK_ENV, report_failure
 
 __all__ = ["OneLineParser", "add_run_arguments", "launch", "main", "run_parser", "settings_from_args"]
 
@@ -127,6 +128,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings | N
                    help="channels-last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--threads", type=positive_int, default=d.threads, help="torch CPU threads")
+    g.add_argument("--full-traceback", action="store_true",
+                   help=f"on an error in your code, every frame (not only yours); also {FULL_TRACEBACK_ENV}=1")
     g = p.add_argument_group("distributed (or launch with torchrun)")
     g.add_argument("--nproc-per-node", type=positive_int, default=None,
                    help="spawn this many processes here (as torchrun would); --batch-size stays global")
@@ -270,18 +273,15 @@ def _guarded(body: Callable[[], int]) -> int:
         print("Interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
     except OSError as exc:  # disk full or read-only outside checkpointing (history, config, events)
+        if exc.errno is None:  # an OSError of the user's own code, not of the disk
+            report_failure(exc)
+            return 1
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}; checkpoints already saved are intact",
               file=sys.stderr)
         return EXIT_SAVE
-
-
-def quiet_ignite() -> None:
-    """Ignite's own log lines off: errors reach the user as our one line."""
-    from ignite.utils import setup_logger
-
-    logging.getLogger("ignite").addHandler(logging.NullHandler())
-    for name in ("ignite.distributed.launcher.Parallel", "ignite.distributed.auto.auto_model"):
-        setup_logger(name, level=logging.WARNING)
+    except Exception as exc:  # a bug in the user's code (model, loss, data set, handler): their frames, one line
+        report_failure(exc)
+        return 1
 
 
 def main(per_process: PerProcess, parser: argparse.ArgumentParser, settings_cls: type[RunSettings] = RunSettings,
@@ -296,4 +296,6 @@ def main(per_process: PerProcess, parser: argparse.ArgumentParser, settings_cls:
     flags = flag_map(parser)
     with flag_names(flags):
         args = parser.parse_args(argv)
+        if getattr(args, "full_traceback", False):
+            os.environ[FULL_TRACEBACK_ENV] = "1"  # spawned processes inherit it
         return _guarded(lambda: launch(per_process, settings_from_args(args, settings_cls, presets), flags))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, Callable, Mapping
 
@@ -12,7 +13,29 @@ from tqdm import tqdm
 from handlers.metrics import TrainMetrics
 from handlers.ordering import Stage, attach_ordered
 
-__all__ = ["ConsoleLogger", "write_line"]
+__all__ = ["ConsoleLogger", "quiet_ignite", "write_line"]
+
+
+def quiet_ignite() -> None:
+    """Ignite's own log lines off (its handlers' INFO lines, "Engine run is terminating due to
+    exception"): what a run has to say reaches the user as our lines. Only Ignite's loggers are
+    touched: a handler that swallows what reaches the ``ignite`` logger; the loggers that Ignite's
+    handlers set up with their own console output (``setup_logger``, which leaves a logger that
+    already exists as it is) made beforehand, bare, or, if already made, limited to warnings."""
+    ignite_logger = logging.getLogger("ignite")
+    if not any(isinstance(h, logging.NullHandler) for h in ignite_logger.handlers):
+        ignite_logger.addHandler(logging.NullHandler())
+    for name in _IGNITE_CONSOLE_LOGGERS:
+        logging.getLogger(name)  # exists now: setup_logger will add no console handler to it
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("ignite.") and isinstance(logger, logging.Logger) and logger.handlers:
+            logger.setLevel(logging.WARNING)
+
+
+_IGNITE_CONSOLE_LOGGERS = ("ignite.handlers.early_stopping.EarlyStopping",
+                           "ignite.handlers.terminate_on_nan.TerminateOnNan",
+                           "ignite.handlers.time_limit.TimeLimit",
+                           "ignite.distributed.launcher.Parallel", "ignite.distributed.auto.auto_model")
 
 
 def write_line(message: str) -> None:

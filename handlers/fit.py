@@ -29,7 +29,9 @@ from engine import (
     resolve_device,
 )
 from engine.amp import resolve_amp
+from engine.checks import check_batch, check_first_batches
 from engine.device import available_memory
+from engine.device import prepare_batch as default_prepare_batch
 from engine.seeding import SeededDataset
 from engine.stream import StreamLoader, is_stateful_stream, make_stream_loader
 from handlers.console import write_line
@@ -60,18 +62,34 @@ def run_device(settings: RunSettings) -> torch.device:
     return device
 
 
-def _tensor_pair(data: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(inputs, targets)`` when ``data`` is held as tensors (a pair, or a two-tensor ``TensorDataset``)."""
+def _tensor_pair(data: Any, name: str = "training") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(inputs, targets)`` when ``data`` is held as tensors (a pair, or a two-tensor ``TensorDataset``),
+    checked on every path: equal lengths, not empty."""
     if isinstance(data, (tuple, list)):
         if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
-            raise ConfigError("the data must be a Dataset, an IterableDataset or a pair of tensors (inputs, targets)")
-        return data[0], data[1]
-    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
-        return data.tensors[0], data.tensors[1]
-    return None
+            raise ConfigError(f"the {name} data must be a Dataset, an IterableDataset or a pair of tensors "
+                              f"(inputs, targets)")
+        x, y = data
+    elif isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        x, y = data.tensors
+    else:
+        return None
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise ConfigError(f"the {name} set's inputs and targets differ in length: {len(x) if x.dim() else 0} inputs, "
+                          f"{len(y) if y.dim() else 0} targets")
+    if x.shape[0] == 0:
+        raise ConfigError(f"the {name} set is empty: there is nothing to train or evaluate on")
+    return x, y
 
 
-def data_route(data: Data, data_path: str) -> str:
+def _check_not_empty(data: Any, name: str) -> None:
+    """A map-style set with no sample: one line now, not an error deep inside the first epoch."""
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
+        if len(data) == 0:
+            raise ConfigError(f"the {name} set is empty: there is nothing to train or evaluate on")
+
+
+def data_route(data: Data, data_path: str, name: str = "training") -> str:
     """Which path ``data`` takes: ``memory`` (tensors on the device, sliced into batches), ``loader``
     (a ``DataLoader`` over a map-style ``Dataset``) or ``stream`` (a ``DataLoader`` over an
     ``IterableDataset``). ``auto`` follows the data: tensors to memory, any other ``Dataset`` to a loader."""
@@ -81,10 +99,10 @@ def data_route(data: Data, data_path: str) -> str:
                               f"use {param('data_path', 'auto')}")
         return "stream"
     if not isinstance(data, Dataset):
-        _tensor_pair(data)  # raises for what is neither
+        _tensor_pair(data, name)  # raises for what is neither
         return "memory" if data_path in ("auto", "memory") else "loader"
     if data_path == "auto":
-        return "memory" if _tensor_pair(data) is not None else "loader"
+        return "memory" if _tensor_pair(data, name) is not None else "loader"
     return data_path
 
 
@@ -155,15 +173,17 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
     workers = settings.num_workers
     kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     route = data_route(train, settings.data_path)
+    _check_not_empty(train, "training")
     if settings.epoch_length is not None and route != "stream":
         raise ConfigError(f"{param('epoch_length')} is for streams (an IterableDataset); to train on part of each "
                           f"epoch use {param('limit_train_batches')}")
     if route == "memory":
-        x, y = _tensor_pair(train) or read_into_memory(train, "training", device)
+        x, y = _tensor_pair(train, "training") or read_into_memory(train, "training", device)
         train_loader: Any = InMemoryLoader(x, y, batch, shuffle=True, seed=seed, device=device, max_batches=limit,
                                            rank=rank, world_size=world)
     elif route == "loader":
-        train_set = train if isinstance(train, Dataset) else TensorDataset(*_tensor_pair(train))
+        pair = _tensor_pair(train, "training")
+        train_set = TensorDataset(*pair) if pair is not None and not isinstance(train, Dataset) else train
         sampler = ResumableRandomSampler(len(train_set), seed=seed, max_samples=limit * batch if limit else None,
                                          rank=rank, world_size=world, keyed=True)
         train_loader = DataLoader(SeededDataset(train_set, seed), batch_size=batch, sampler=sampler,
@@ -179,15 +199,17 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
 
 
 def _val_loader(val: Data, settings: RunSettings, device: torch.device, rank: int, world: int, kw: dict) -> Any:
-    route = data_route(val, settings.data_path)
+    route = data_route(val, settings.data_path, "validation")
+    _check_not_empty(val, "validation")
+    pair = _tensor_pair(val, "validation")
     if route == "memory":
-        vx, vy = _tensor_pair(val) or read_into_memory(val, "validation", device)
+        vx, vy = pair or read_into_memory(val, "validation", device)
         return InMemoryLoader(vx, vy, settings.val_batch_size, shuffle=False, device=device, rank=rank,
                               world_size=world)
     order = torch.Generator().manual_seed(settings.seed)  # not the global RNG: the model's dropout draws from it
     if route == "stream":
         return DataLoader(val, batch_size=settings.val_batch_size, generator=order, **kw)
-    val_set = SeededDataset(val if isinstance(val, Dataset) else TensorDataset(*_tensor_pair(val)), settings.seed)
+    val_set = SeededDataset(val if isinstance(val, Dataset) else TensorDataset(*pair), settings.seed)
     if world > 1:
         val_set = Subset(val_set, range(rank, len(val_set), world))
     return DataLoader(val_set, batch_size=settings.val_batch_size, shuffle=False, generator=order, **kw)
@@ -230,6 +252,9 @@ def build_run(
     if loss_fn is None:
         loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing) if classification else nn.MSELoss()
     amp = resolve_amp(settings.amp, device, log=write_line)
+    checks = dict(prepare_batch=prepare_batch or default_prepare_batch, model_transform=model_transform,
+                  loss_fn=loss_fn, classification=classification, device=device, amp=amp)
+    check_first_batches(model, {"training": train_loader, "validation": val_loader}, **checks)  # before any file
     train_model = idist.auto_model(model) if world > 1 else model  # DDP: gradients averaged over ranks
     run_model = torch.compile(train_model) if settings.compile else train_model
     eval_model = run_model if world == 1 else model  # no collectives in evaluation: shards may differ in size
@@ -246,12 +271,22 @@ def build_run(
     evaluator = create_evaluator(eval_model, val_metrics, device=device, amp=amp,
                                  channels_last=settings.channels_last, prepare_batch=prepare_batch,
                                  model_transform=model_transform, output_transform=output_transform)
-    return attach_run(trainer, evaluator, train_loader=train_loader, val_loader=val_loader, settings=settings,
+    run = attach_run(trainer, evaluator, train_loader=train_loader, val_loader=val_loader, settings=settings,
                       to_save={"model": model, "optimizer": optimizer, **(to_save or {})},
                       classification=classification, handlers=handlers, denormalize=denormalize, name=name,
                       extra_config={"device": str(device), "precision": amp or "fp32",
                                     **({"train_transform": repr(train_transform)} if train_transform else {}),
                                     **(extra_config or {})})
+
+    def explain(batch: Any, name: str) -> str | None:  # a batch that failed: the data's fault?
+        try:
+            check_batch(model, batch, name, **checks)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    run.explain = explain
+    return run
 
 
 def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None = None, **options: Any) -> RunResult:

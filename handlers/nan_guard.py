@@ -4,16 +4,45 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import TerminateOnNan
 
+from engine.device import TARGET_KEYS
 from engine.errors import param
 
-__all__ = ["NanGuard"]
+__all__ = ["NanGuard", "non_finite_samples"]
+
+
+def non_finite_samples(batch: Any) -> tuple[str, list[int]] | None:
+    """``("inputs" or "targets", rows of the batch holding NaN or inf)``, or ``None`` when every
+    floating tensor of the batch (a pair, a dict, nested) is finite."""
+    if isinstance(batch, Mapping):
+        parts = [("targets" if k in TARGET_KEYS else "inputs", v) for k, v in batch.items()]
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        parts = [("inputs", batch[0]), ("targets", batch[1])]
+    else:
+        parts = [("inputs", batch)]
+    for part, value in parts:
+        for t in _tensors(value):
+            if t.is_floating_point() and t.dim() > 0:
+                finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+                if not bool(finite.all()):
+                    return part, (~finite).nonzero().flatten().tolist()
+    return None
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 class NanGuard:
@@ -59,8 +88,16 @@ class NanGuard:
         self._inner(engine)
         if engine.should_terminate and self.triggered_at is None:
             self.triggered_at = (engine.state.epoch, engine.state.iteration)
+            where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+            bad = non_finite_samples(engine.state.batch)
+            if bad:
+                part, rows = bad
+                shown = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+                self.log(f"Stopped: the training batch at {where} holds NaN or infinite {part} (sample(s) {shown} of "
+                         f"the batch), so the loss became {loss}; the data is at fault, not the training: check the "
+                         f"data set and its transforms. No checkpoint was written from this state")
+                return
             self.log(
-                f"Stopped: the training loss became {loss} at epoch {engine.state.epoch}, "
-                f"iteration {engine.state.iteration}; no checkpoint was written from this state "
+                f"Stopped: the training loss became {loss} at {where}; no checkpoint was written from this state "
                 f"(try a lower {param('lr')}, or {param('clip_grad_norm')})"
             )

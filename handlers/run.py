@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ignite.distributed as idist
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from engine.distributed import PerRank
 from engine.epoch import mid_epoch
@@ -27,7 +27,7 @@ from engine.run_lock import RunLock
 from engine.settings import RunSettings
 from handlers.adapters import release_workers
 from handlers.checkpoint import TrainingCheckpoint, find_resume_checkpoint, load_checkpoint, restore
-from handlers.console import ConsoleLogger, write_line
+from handlers.console import ConsoleLogger, quiet_ignite, write_line
 from handlers.early_stopping import EarlyStopping
 from handlers.history import History, write_json_atomic
 from handlers.lr_schedule import LRSchedule
@@ -63,10 +63,26 @@ def check_output_dir(output_dir: str | Path | None, resume: str | None, name: st
     out = Path(output_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{param('output_dir')} {out} is a file, not a folder")
-    if resume is None and out.exists() and any(out.iterdir()):
+    if resume is None and out.exists() and any(out.iterdir()) and not failed_start(out):
         raise ConfigError(f"output dir {out} already holds a run: pass {param('resume', 'auto')} to continue it, "
                           f"or choose another {param('output_dir')}")
     return out
+
+
+def failed_start(out: Path) -> bool:
+    """Whether ``out`` holds a run of ours that ended before its first checkpoint (its ``config.json``
+    and no ``checkpoints/*.pt``): nothing there to continue, so the same command may start afresh in it."""
+    return (out / "config.json").is_file() and not any((out / "checkpoints").glob("*.pt"))
+
+
+def _clear_failed_start(out: Path) -> None:
+    """Remove what a run that died before its first save left (config, history, TensorBoard events,
+    half-written files), so that the new run's records are not mixed with them; say so in one line."""
+    stale = [out / "config.json", out / "history.json", *(out / "tb").glob("events.out.tfevents.*"),
+             *(out / "checkpoints").glob(".tmp-*")]  # fmt: skip
+    for path in stale:
+        path.unlink(missing_ok=True)
+    write_line(f"{out} holds no checkpoint (the run there ended before its first save): starting afresh in it")
 
 
 def data_order(train_loader: Iterable, trainer: Engine) -> Any | None:
@@ -108,6 +124,7 @@ class Run:
         self.tensorboard: TensorBoardLogging | None = None
         self.resumed_from: Path | None = None
         self.val_loader: Iterable | None = None  # set by attach_run
+        self.explain: Callable[[Any, str], str | None] | None = None  # (batch, set name) -> what is wrong
         self.config: dict[str, Any] = {}
 
     @property
@@ -116,14 +133,51 @@ class Run:
         return self.trainer.state.epoch >= self.settings.epochs and not mid_epoch(self.trainer.state)
 
     def run(self) -> RunResult:
-        """``trainer.run`` up to ``settings.epochs`` (or until a handler stops it), then :meth:`finish`."""
+        """``trainer.run`` up to ``settings.epochs`` (or until a handler stops it), then :meth:`finish`.
+
+        An exception ends the run with the folder released; it carries ``run_where`` (``"epoch E,
+        iteration I"``, and the validation batch if it was validating). When ``explain`` finds the
+        failing batch at fault (targets that do not fit the model, say), a one-line
+        :class:`ConfigError` is raised from it instead."""
         try:
             if not self.done:
                 self.trainer.run(self.train_loader, max_epochs=self.settings.epochs)
+        except Exception as exc:
+            self.close()
+            name, batch = self._failing_batch()
+            message = None
+            if self.explain is not None and batch is not None and not isinstance(exc, ConfigError):
+                try:
+                    message = self.explain(batch, name)
+                except Exception:  # the explanation must never hide the error itself
+                    message = None
+            if message:
+                raise ConfigError(f"{message} (found at {self._where()})") from exc
+            try:
+                exc.run_where = self._where()  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+            raise
         except BaseException:
             self.close()
             raise
         return self.finish()
+
+    def _validating(self) -> bool:
+        return self.trainer.last_event_name == Events.EPOCH_COMPLETED and self.evaluator.state.batch is not None \
+            and self.evaluator.last_event_name != Events.COMPLETED
+
+    def _failing_batch(self) -> tuple[str, Any]:
+        if self._validating():
+            return "validation", self.evaluator.state.batch
+        return "training", self.trainer.state.batch
+
+    def _where(self) -> str:
+        state = self.trainer.state
+        where = f"epoch {state.epoch}, iteration {state.iteration}"
+        if self._validating():
+            where += f", validation batch {self.evaluator.state.iteration}"
+        return where
 
     def finish(self) -> RunResult:
         """Write the last records, print the summary, release the run folder; the result."""
@@ -133,6 +187,7 @@ class Run:
             if self.tensorboard is not None:
                 final = self.history.epochs[-1].get(self.monitor) if self.history.epochs else None
                 self.tensorboard.log_hparams(self.config, {f"hparam/best_{self.monitor}": best and best[self.monitor],
+                                                           "hparam/best_epoch": best and best["epoch"],
                                                            f"hparam/final_{self.monitor}": final})
         finally:
             self.close()
@@ -204,6 +259,7 @@ def attach_run(
         extra_config: more entries for ``config.json`` (the device, ...).
     """
     settings.check()
+    quiet_ignite()  # before Ignite's handlers are built: they set up their loggers then
     for key in ("model", "optimizer"):
         if key not in to_save:
             raise ValueError(f"to_save must hold {key!r}")
@@ -219,7 +275,9 @@ def attach_run(
     run.val_loader = val_loader
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        run.lock = RunLock(out).acquire()
+        run.lock = RunLock(out).acquire()  # first: a run still starting there is never mistaken for a dead one
+        if settings.resume is None and failed_start(out):
+            _clear_failed_start(out)
     try:
         _attach_handlers(run, to_save, val_loader, handlers)
         _resume(run, resume_state)

@@ -46,6 +46,19 @@ def test_best_k_and_last_rotation(tmp_path):
     assert ckpt.last_path.name == "last_iter=20.pt"
 
 
+@pytest.mark.parametrize("scores, n_saved, kept, best", [
+    ([0.5, 1.0, 1.0, 0.9], 1, [2], 2),
+    ([0.5, 1.0, 1.0, 0.9], 2, [2, 3], 2),
+    ([1.0, 1.0, 1.0], 2, [1, 2], 1),
+    ([0.9, 1.0, 1.0, 1.0], 3, [2, 3, 4], 2),
+])  # fmt: skip
+def test_on_a_tie_the_first_epoch_is_the_best(tmp_path, scores, n_saved, kept, best):
+    trainer, ckpt, _ = make_run(tmp_path, scores, n_saved=n_saved)
+    trainer.run(range(2), max_epochs=len(scores))
+    assert sorted(int(p.name.split("_")[1].split("=")[1]) for p in tmp_path.glob("best_*.pt")) == kept
+    assert ckpt.best_path.name.startswith(f"best_epoch={best}_")
+
+
 def test_files_load_with_weights_only_and_hold_the_model(tmp_path):
     trainer, _, model = make_run(tmp_path, [0.5])
     trainer.run(range(2), max_epochs=1)

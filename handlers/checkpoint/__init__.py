@@ -260,9 +260,13 @@ class TrainingCheckpoint:
 
     @property
     def best_path(self) -> Path | None:
-        """The best file kept so far."""
+        """The best file kept so far; on a tie the first epoch's (as Keras and Lightning keep it, and as
+        the history's best row is: Ignite keeps equal scores in the order they were saved)."""
         items = checkpoint_items(self.best)
-        return self.dirname / items[-1].filename if items else None
+        if not items:
+            return None
+        top = items[-1].priority
+        return self.dirname / next(i for i in items if i.priority == top).filename
 
     @property
     def last_path(self) -> Path | None:

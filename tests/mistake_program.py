@@ -1,0 +1,90 @@
+"""A user's program with the ordinary mistakes (tests/test_mistakes.py runs it as a real subprocess):
+`--case` picks one; `--case ok` is the same program with the mistake mended."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+
+from engine import RunSettings  # noqa: E402
+from handlers import cli, fit  # noqa: E402
+
+CASES = ("ok", "float-targets", "target-out-of-range", "late-target-out-of-range", "lengths", "forward-bug",
+         "getitem-bug", "nan-inputs", "regression-shapes", "empty-validation")
+
+
+class Net(nn.Module):
+    def __init__(self, bug_after: int | None = None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.bug_after, self.calls = bug_after, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.bug_after is not None and self.calls > self.bug_after:
+            raise ValueError("my bug in forward")
+        return self.net(x)
+
+
+class Samples(Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, broken: int | None = None) -> None:
+        self.x, self.y, self.broken = x, y, broken
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        if i == self.broken:
+            raise KeyError(f"sample {i} is missing")
+        return self.x[i], self.y[i]
+
+
+@dataclass
+class Settings(RunSettings):
+    case: str = "ok"
+    epochs: int = 2
+    batch_size: int = 16
+    log_every: int = 0
+    progress: bool = False
+    tensorboard: bool = False
+
+
+def train(s: Settings):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 4, generator=g), torch.randint(0, 3, (96,), generator=g)
+    val = (x[:32], y[:32])
+    case = s.case
+    if case == "float-targets":
+        return fit(Net(), (x, y.float()), val, s)
+    if case in ("target-out-of-range", "late-target-out-of-range"):
+        bad = y.clone()
+        bad[70] = 5
+        return fit(Net(), (x, bad) if case == "target-out-of-range" else Samples(x, bad), val, s)
+    if case == "lengths":
+        return fit(Net(), (x, y[:90]), val, s)
+    if case == "forward-bug":
+        return fit(Net(bug_after=8), (x, y), val, s)
+    if case == "getitem-bug":
+        return fit(Net(), Samples(x, y, broken=50), val, s)
+    if case == "nan-inputs":
+        x = x.clone()
+        x[[7, 60]] = float("nan")
+        return fit(Net(), (x, y), val, s)
+    if case == "regression-shapes":
+        return fit(Net(), (x, torch.randn(96)), (x[:32], torch.randn(32)), s, classification=False)
+    if case == "empty-validation":
+        return fit(Net(), (x, y), Samples(x[:0], y[:0]), s)
+    return fit(Net(), (x, y), val, s)
+
+
+if __name__ == "__main__":
+    parser = cli.run_parser("A user's program with a mistake.", Settings())
+    parser.add_argument("--case", choices=CASES, default="ok")
+    sys.exit(cli.main(train, parser, Settings))

@@ -1,0 +1,140 @@
+"""The ordinary mistakes of a user's own program (tests/mistake_program.py, real subprocesses through
+`cli.main`): each ends in one line of ours that names the cause (a bug in their code: their frames
+only, then that line), the right exit code, and a run folder the mended command can use at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from engine import RunSettings
+from handlers import fit, seed_everything
+
+PROGRAM = Path(__file__).resolve().parent / "mistake_program.py"
+pytestmark = pytest.mark.slow
+
+
+def program(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PROGRAM), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def mended_rerun_works(out: Path) -> None:
+    """The same command with the mistake mended, same folder, no --resume: it trains to the end (saying
+    so in one line where the failed run had begun writing)."""
+    started = (out / "config.json").exists()
+    again = program("--case", "ok", "--output-dir", str(out))
+    assert again.returncode == 0, again.stderr
+    said = "holds no checkpoint (the run there ended before its first save): starting afresh in it" in again.stdout
+    assert said == started
+
+
+@pytest.mark.parametrize("case, extra, line", [
+    ("float-targets", [], "error: the training set's targets are float32, but class labels must be integers: "
+                          "convert them with .long() (or pass classification=False for regression)"),
+    ("target-out-of-range", [], "error: the training set holds class 5, but the model has 3 outputs (classes 0 to "
+                                "2): give the model 6 outputs, or map the labels to 0..2"),
+    ("late-target-out-of-range", [], "error: the training set holds class 5, but the model has 3 outputs (classes 0 "
+                                     "to 2): give the model 6 outputs, or map the labels to 0..2 (found at epoch "),
+    ("lengths", ["--data-path", "loader"], "error: the training set's inputs and targets differ in length: 96 "
+                                           "inputs, 90 targets"),
+    ("regression-shapes", [], "error: the model's output [16, 3] and the training set's targets [16] differ in "
+                              "shape, so the loss would broadcast them (or fail)"),
+    ("empty-validation", ["--data-path", "loader"], "error: the validation set is empty"),
+])  # fmt: skip
+def test_a_data_mistake_is_one_line_exit_2_and_the_folder_stays_usable(tmp_path, case, extra, line):
+    out = tmp_path / "run"
+    proc = program("--case", case, "--output-dir", str(out), *extra)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), proc.stderr
+    if case != "late-target-out-of-range":  # found before the first step: nothing written at all
+        assert not out.exists()
+    mended_rerun_works(out)
+
+
+@pytest.mark.parametrize("case, extra, frame, line", [
+    ("forward-bug", [], "in forward", "error: ValueError: my bug in forward (epoch 1, iteration "),
+    ("getitem-bug", ["--num-workers", "2"], "in __getitem__",
+     "error: KeyError: 'sample 50 is missing' (in a DataLoader worker, epoch 1, iteration "),
+    ("getitem-bug", [], "in __getitem__", "error: KeyError: 'sample 50 is missing' (epoch 1, iteration "),
+])  # fmt: skip
+def test_a_bug_in_the_users_code_shows_their_frames_only_then_one_line(tmp_path, case, extra, frame, line):
+    out = tmp_path / "run"
+    proc = program("--case", case, "--output-dir", str(out), *extra)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("Traceback (most recent call last; your code only, TRAINER_FULL_TRACEBACK=1")
+    assert lines[-1].startswith(line) and lines[-1].endswith("checkpoints already saved are intact)")
+    files = [entry.split('"')[1] for entry in lines if entry.startswith('  File "')]
+    assert files and set(files) == {str(PROGRAM)} and any(frame in entry for entry in lines)
+    full = program("--case", case, "--output-dir", str(tmp_path / "full"), *extra, env={"TRAINER_FULL_TRACEBACK": "1"})
+    assert full.returncode == 1 and "site-packages" in full.stderr and full.stderr.strip().splitlines()[-1] == lines[-1]
+    mended_rerun_works(out)
+
+
+def test_nan_in_the_inputs_blames_the_data_not_the_learning_rate(tmp_path):
+    proc = program("--case", "nan-inputs", "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 3
+    stopped = [line for line in proc.stdout.splitlines() if line.startswith("Stopped:")]
+    assert len(stopped) == 1 and "holds NaN or infinite inputs (sample(s) " in stopped[0]
+    assert "the data is at fault" in stopped[0] and "--lr" not in stopped[0]
+    mended_rerun_works(tmp_path / "run")
+
+
+def test_a_run_folder_holding_a_checkpoint_is_still_refused_without_resume(tmp_path):
+    out = tmp_path / "run"
+    assert program("--case", "ok", "--output-dir", str(out)).returncode == 0
+    again = program("--case", "ok", "--output-dir", str(out))
+    assert again.returncode == 2 and "already holds a run: pass --resume auto" in again.stderr
+
+
+def test_fit_called_directly_is_as_quiet_as_cli_main(tmp_path, capfd):
+    seed_everything(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    fit(nn.Linear(4, 2), (x, y), (x, y), RunSettings(output_dir=str(tmp_path / "r"), epochs=6, patience=1,
+                                                     min_delta=1.0, progress=False, log_every=0))  # fmt: skip
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(nn.Linear(4, 2), (x, y), (x, y), RunSettings(output_dir=str(tmp_path / "s"), progress=False, log_every=0),
+            handlers=[Boom()])
+    captured = capfd.readouterr()
+    assert "ignite" not in captured.err and "ignite" not in captured.out and "Engine run is terminating" not in (
+        captured.err + captured.out)
+    assert "Early stopping" in captured.out or "early" in captured.out.lower()
+
+
+class Boom:
+    def attach(self, trainer) -> None:
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), self)
+
+    def __call__(self, engine) -> None:
+        raise RuntimeError("boom")
+
+
+def test_on_a_tie_every_report_names_the_first_best_epoch(tmp_path, capsys):
+    seed_everything(0)
+    x = torch.randn(128, 4)
+    y = (x[:, 0] > 0).long()  # separable: validation accuracy reaches 1.0 and stays there
+    result = fit(nn.Linear(4, 2), (x, y), (x, y), RunSettings(output_dir=str(tmp_path / "r"), epochs=5, lr=0.1,
+                                                              batch_size=16, patience=0, progress=False, log_every=0))
+    accuracies = [row["val_accuracy"] for row in result.history]
+    first = accuracies.index(max(accuracies)) + 1
+    assert accuracies.count(max(accuracies)) >= 2  # a tie
+    assert result.best["epoch"] == first
+    assert result.best_path.name.startswith(f"best_epoch={first}_")
+    assert f"at epoch {first} (" in capsys.readouterr().out
+    kept = sorted((tmp_path / "r" / "checkpoints").glob("best_*.pt"))
+    assert kept[0].name.startswith(f"best_epoch={first}_")
+    acc = EventAccumulator(str(tmp_path / "r" / "tb" / "hparams"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert acc.Scalars("hparam/best_epoch")[0].value == first
+    assert acc.Scalars("hparam/best_val_accuracy")[0].value == max(accuracies)

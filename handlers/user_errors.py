@@ -20,7 +20,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 _LIBRARY = [str(_ROOT / "engine"), str(_ROOT / "handlers")] + sorted(
     {p for key in ("stdlib", "platstdlib", "purelib", "platlib") if (p := sysconfig.get_paths().get(key))}
 )
-_WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\s*\nOriginal Traceback \(most recent call last\):\n")
+_WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\s*\n"
+                     r"Original Traceback \(most recent call last\):\n")
 _MARKS = re.compile(r"^\s*[~^]+\s*$")
 _FRAME = re.compile(r'^  File "([^"]+)", line \d+, in .*$')
 

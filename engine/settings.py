@@ -45,6 +45,10 @@ class RunSettings:
             ``accumulation_steps``, ``clip_grad_norm``,
             ``channels_last``, ``compile``, ``threads``.
         distributed: ``nproc_per_node`` (spawn that many processes here), ``backend``.
+        extras: ``find_lr`` (run the LR finder, write its curve and suggestion, train nothing;
+            ``lr="find"``: run it, then train at its suggestion), ``ema`` (validate, early-stop and
+            keep as best the exponential moving average of the weights with this decay, e.g. 0.999),
+            ``profile`` (time every handler; a table at the end and ``profile.json``).
     """
 
     output_dir: str | None = None
@@ -53,7 +57,7 @@ class RunSettings:
     batch_size: int = 64
     val_batch_size: int = 1000
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float | str = 1e-3
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     scheduler: str = "none"
@@ -87,6 +91,9 @@ class RunSettings:
     threads: int | None = None
     nproc_per_node: int | None = None
     backend: str | None = None
+    find_lr: bool = False
+    ema: float | None = None
+    profile: bool = False
 
     def __post_init__(self) -> None:
         self.check()
@@ -104,7 +111,12 @@ class RunSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{param(name)} must be an integer >= 0, got {value!r}")
-        _positive_float(self, "lr")
+        if self.lr != "find":
+            _positive_float(self, "lr")
+        if self.ema is not None and (not isinstance(self.ema, (int, float)) or isinstance(self.ema, bool)
+                                     or not 0 < self.ema < 1):
+            raise ConfigError(f"{param('ema')} is the EMA decay, a number between 0 and 1 (e.g. 0.999), "
+                              f"got {self.ema!r}")
         if self.clip_grad_norm is not None:
             _positive_float(self, "clip_grad_norm")
         for name in ("weight_decay", "label_smoothing", "min_delta", "warmup_epochs"):

@@ -14,6 +14,7 @@ of the run died, 130/143 a stop signal.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import math
@@ -29,6 +30,7 @@ import torch
 from engine import distributed
 from engine.errors import EXIT_PEER, EXIT_SAVE, EXIT_USAGE, CheckpointSaveError, ConfigError, flag_names, param
 from engine.settings import OPTIMIZERS, SCHEDULERS, RunSettings
+from handlers.config_file import load_config, settings_in_config
 from handlers.console import quiet_ignite
 from handlers.rng import seed_everything
 from handlers.run import RunResult
@@ -62,6 +64,13 @@ def _checked(kind: Callable[[str], Any], test: Callable[[Any], bool], what: str)
 positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+
+
+def _lr(text: str) -> float | str:
+    return "find" if text == "find" else positive_float(text)
+
+
+_lr.__name__ = "float"
 non_negative_float = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 
 
@@ -77,12 +86,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings | N
     p.add_argument("--no-download", action="store_true", help="never try to download the data")
     p.add_argument("--output-dir", default=None, help="run folder (default: runs/<name>-<timestamp>)")
     p.add_argument("--resume", default=None, help="'auto' (newest valid last_*.pt in --output-dir) or a path")
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help="every setting from a run's config.json (or a TOML file with its keys); flags given override")
     g = p.add_argument_group("recipe (default: from --preset)")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS))
     g.add_argument("--epochs", type=positive_int)
     g.add_argument("--batch-size", type=positive_int, help="global: shared among processes")
     g.add_argument("--val-batch-size", type=positive_int)
-    g.add_argument("--lr", type=positive_float)
+    g.add_argument("--lr", type=_lr, help="a positive number, or 'find': run the LR finder, train at its suggestion")
     g.add_argument("--weight-decay", type=non_negative_float)
     g.add_argument("--label-smoothing", type=non_negative_float)
     g.add_argument("--scheduler", choices=list(SCHEDULERS))
@@ -128,6 +139,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings | N
                    help="channels-last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--threads", type=positive_int, default=d.threads, help="torch CPU threads")
+    g = p.add_argument_group("extras")
+    g.add_argument("--find-lr", action="store_true", default=None,
+                   help="run the LR finder (at most one epoch, --limit-train-batches caps it): its suggestion, "
+                        "lr_finder.png and .json in --output-dir; trains nothing")
+    g.add_argument("--ema", type=_checked(float, lambda v: 0 < v < 1, "a number between 0 and 1"), default=d.ema,
+                   metavar="DECAY", help="validate and keep the moving average of the weights (e.g. 0.999)")
+    g.add_argument("--profile", action="store_true", default=None,
+                   help="time every handler: a table at the end, profile.json in --output-dir")
     g.add_argument("--full-traceback", action="store_true",
                    help=f"on an error in your code, every frame (not only yours); also {FULL_TRACEBACK_ENV}=1")
     g = p.add_argument_group("distributed (or launch with torchrun)")
@@ -151,11 +170,22 @@ def flag_map(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def settings_from_args(args: argparse.Namespace, cls: type[S] = RunSettings,  # type: ignore[assignment]
-                       presets: Mapping[str, Mapping[str, Any]] | None = None) -> S:  # fmt: skip
-    """``cls`` built from its defaults, then ``presets[args.preset]`` (if any), then every flag that has
-    a value (recipe flags default to ``None``: not given, the preset or the class default stands)."""
-    values = dict(presets[args.preset]) if presets and getattr(args, "preset", None) else {}
+                       presets: Mapping[str, Mapping[str, Any]] | None = None,
+                       explicit: set[str] | None = None) -> S:  # fmt: skip
+    """``cls`` built from its defaults, then ``presets[args.preset]`` (if any), then the settings of
+    ``args.config`` (``--config``: a run's config.json or a TOML file), then every flag that has a value
+    (recipe flags default to ``None``: not given, the preset or the class default stands). With a
+    config file only the flags in ``explicit`` (given on the command line) override it."""
+    config = getattr(args, "config", None)
+    from_file = settings_in_config(load_config(config), cls, config) if config else {}
+    preset = getattr(args, "preset", None)
+    if config and "preset" in from_file and not (explicit and "preset" in explicit):
+        preset = from_file["preset"]
+    values = dict(presets[preset]) if presets and preset in presets else {}
+    values.update(from_file)
     given = dict(vars(args))
+    if config and explicit is not None:
+        given = {k: v for k, v in given.items() if k in explicit}
     for name in _NEGATED:  # --no-<name> given: off; not given: the preset's or the class's default stands
         if given.pop("no_" + name, False):
             given[name] = False
@@ -164,6 +194,16 @@ def settings_from_args(args: argparse.Namespace, cls: type[S] = RunSettings,  # 
         if key in fields and value is not None:
             values[key] = value
     return cls(**values)
+
+
+def given_on_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the options written on the command line (not filled in by defaults)."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    namespace, _ = probe.parse_known_args(argv)
+    return set(vars(namespace))
 
 
 def _one_process(per_process: PerProcess, settings: RunSettings) -> int:
@@ -298,4 +338,5 @@ def main(per_process: PerProcess, parser: argparse.ArgumentParser, settings_cls:
         args = parser.parse_args(argv)
         if getattr(args, "full_traceback", False):
             os.environ[FULL_TRACEBACK_ENV] = "1"  # spawned processes inherit it
-        return _guarded(lambda: launch(per_process, settings_from_args(args, settings_cls, presets), flags))
+        explicit = given_on_command_line(parser, argv) if getattr(args, "config", None) else None
+        return _guarded(lambda: launch(per_process, settings_from_args(args, settings_cls, presets, explicit), flags))

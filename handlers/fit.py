@@ -10,10 +10,13 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import ignite.distributed as idist
 import torch
+from ignite.engine import Engine
+from ignite.handlers import EMAHandler
 from ignite.metrics import Accuracy, Loss, Metric
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
@@ -36,7 +39,10 @@ from engine.seeding import SeededDataset
 from engine.stream import StreamLoader, is_stateful_stream, make_stream_loader
 from handlers.console import write_line
 from handlers.metrics import SampleCount
-from handlers.run import Run, RunResult, attach_run
+from handlers.adapters import release_workers
+from handlers.lr_finder import LRFinder
+from handlers.run import Run, RunResult, attach_run, check_output_dir
+from handlers.validation import Validation
 
 __all__ = ["build_run", "data_route", "fit", "make_loaders", "make_optimizer", "read_into_memory", "run_device"]
 
@@ -45,7 +51,8 @@ Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 
 def make_optimizer(settings: RunSettings, model: nn.Module) -> torch.optim.Optimizer:
     """``settings.optimizer`` (adam, adamw, or sgd with Nesterov momentum 0.9) at ``settings.lr``."""
-    name, lr, wd = settings.optimizer, settings.lr, settings.weight_decay
+    name, wd = settings.optimizer, settings.weight_decay
+    lr = 1e-3 if settings.lr == "find" else settings.lr  # the LR finder sets it
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
     if name == "adamw":
@@ -248,7 +255,7 @@ def build_run(
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)  # before DDP, which fixes its buckets' strides
-    optimizer = idist.auto_optim(optimizer or make_optimizer(settings, model))
+    optimizer = idist.auto_optim(optimizer or make_optimizer(settings, model))  # lr "find": set after the finder
     if loss_fn is None:
         loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing) if classification else nn.MSELoss()
     amp = resolve_amp(settings.amp, device, log=write_line)
@@ -258,24 +265,44 @@ def build_run(
     train_model = idist.auto_model(model) if world > 1 else model  # DDP: gradients averaged over ranks
     run_model = torch.compile(train_model) if settings.compile else train_model
     eval_model = run_model if world == 1 else model  # no collectives in evaluation: shards may differ in size
+    finder = None
+    if settings.find_lr or settings.lr == "find":
+        finder = _run_lr_finder(run_model, optimizer, loss_fn, train, val, settings, device, amp,
+                                dict(prepare_batch=prepare_batch, model_transform=model_transform,
+                                     output_transform=output_transform, batch_transform=train_transform))
+        if settings.find_lr:
+            return _FinderOnly(finder, settings, name)
+        for group in optimizer.param_groups:
+            group["lr"] = finder.suggestion
+        settings = dataclasses.replace(settings, lr=finder.suggestion)
+    ema = EMAHandler(model, momentum=1.0 - settings.ema) if settings.ema else None
     trainer = create_trainer(run_model, optimizer, loss_fn, device=device, amp=amp,
                              accumulation_steps=settings.accumulation_steps, clip_grad_norm=settings.clip_grad_norm,
                              grad_norm_every=settings.log_every if settings.tensorboard else 0,
                              channels_last=settings.channels_last, prepare_batch=prepare_batch,
                              model_transform=model_transform, output_transform=output_transform,
                              batch_transform=train_transform, seed=settings.seed)
-    val_metrics: dict[str, Metric] = {"loss": Loss(_unsmoothed(loss_fn))}
-    if classification:
-        val_metrics["accuracy"] = Accuracy()
-    val_metrics.update({**(metrics or {}), "samples": SampleCount()})
-    evaluator = create_evaluator(eval_model, val_metrics, device=device, amp=amp,
-                                 channels_last=settings.channels_last, prepare_batch=prepare_batch,
-                                 model_transform=model_transform, output_transform=output_transform)
+    if ema is not None:  # before the checkpoints: a save at an iteration holds that iteration's average
+        ema.attach(trainer, name="ema_momentum")
+
+    def evaluator_of(net: nn.Module, extra: Mapping[str, Metric]) -> Engine:
+        val_metrics: dict[str, Metric] = {"loss": Loss(_unsmoothed(loss_fn))}
+        if classification:
+            val_metrics["accuracy"] = Accuracy()
+        val_metrics.update({**extra, "samples": SampleCount()})
+        return create_evaluator(net, val_metrics, device=device, amp=amp, channels_last=settings.channels_last,
+                                prepare_batch=prepare_batch, model_transform=model_transform,
+                                output_transform=output_transform)
+
+    evaluator = evaluator_of(ema.ema_model if ema is not None else eval_model, metrics or {})
+    saved = {"model": ema.ema_model, "raw_model": model} if ema is not None else {"model": model}
     run = attach_run(trainer, evaluator, train_loader=train_loader, val_loader=val_loader, settings=settings,
-                      to_save={"model": model, "optimizer": optimizer, **(to_save or {})},
+                      to_save={**saved, "optimizer": optimizer, **(to_save or {})},
                       classification=classification, handlers=handlers, denormalize=denormalize, name=name,
                       extra_config={"device": str(device), "precision": amp or "fp32",
                                     **({"train_transform": repr(train_transform)} if train_transform else {}),
+                                    **({"lr_finder": {"suggestion": finder.suggestion, "range": list(finder.tried)}}
+                                       if finder is not None else {}),
                                     **(extra_config or {})})
 
     def explain(batch: Any, name: str) -> str | None:  # a batch that failed: the data's fault?
@@ -286,6 +313,10 @@ def build_run(
         return None
 
     run.explain = explain
+    if finder is not None and idist.get_rank() == 0:
+        finder.write(run.output_dir, tensorboard=settings.tensorboard)
+    if ema is not None:  # the raw weights' scores beside the average's: val_raw_loss, val_raw_accuracy
+        Validation(evaluator_of(eval_model, {}), val_loader, every=settings.val_every, prefix="val_raw_").attach(trainer)
     return run
 
 
@@ -322,6 +353,44 @@ def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None =
         :class:`handlers.run.RunResult`: history, best row, best/last checkpoint paths, exit code.
     """
     return build_run(model, train, val, settings, **options).run()
+
+
+def _run_lr_finder(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, train: Data, val: Data,
+                   settings: RunSettings, device: torch.device, amp: str | None, step: dict[str, Any]) -> LRFinder:
+    """The LR finder on a bare trainer of the same step, over a loader of its own (the run's data order
+    is untouched; a stream that keeps its position is put back where it was); says what it found."""
+    stream_state = train.state_dict() if isinstance(train, IterableDataset) and is_stateful_stream(train) else None
+    loader, _ = make_loaders(train, val, settings, device)
+    trainer = create_trainer(model, optimizer, loss_fn, device=device, amp=amp,
+                             accumulation_steps=settings.accumulation_steps, clip_grad_norm=settings.clip_grad_norm,
+                             channels_last=settings.channels_last, seed=settings.seed, **step)
+    to_save = {"model": model, "optimizer": optimizer}
+    if trainer.scaler is not None:
+        to_save["scaler"] = trainer.scaler
+    try:
+        finder = LRFinder(log=write_line).run(trainer, loader, to_save)
+    finally:
+        release_workers(loader)
+        if stream_state is not None:
+            train.load_state_dict(stream_state)  # type: ignore[union-attr]
+    write_line(finder.line())
+    return finder
+
+
+class _FinderOnly:
+    """What :func:`build_run` returns for ``settings.find_lr``: its ``run()`` writes the finder's
+    results into the run folder and returns exit code 0, without training."""
+
+    def __init__(self, finder: LRFinder, settings: RunSettings, name: str) -> None:
+        self.finder, self.settings, self.name = finder, settings, name
+
+    def run(self) -> RunResult:
+        out = check_output_dir(self.settings.output_dir, self.settings.resume, self.name)
+        if idist.get_rank() == 0:
+            self.finder.write(out, tensorboard=self.settings.tensorboard)
+            write_line(f"LR finder results: {out / 'lr_finder.json'}, {out / 'lr_finder.png'}; train at it with "
+                       f"{param('lr', 'find')} or {param('lr')} <value>")
+        return RunResult(0, out)
 
 
 def _unsmoothed(loss_fn: Callable) -> Callable:

@@ -32,7 +32,9 @@ from handlers.early_stopping import EarlyStopping
 from handlers.history import History, write_json_atomic
 from handlers.lr_schedule import LRSchedule
 from handlers.metrics import TrainMetrics
+from handlers.model_summary import ModelSummary, summary_line
 from handlers.nan_guard import NanGuard
+from handlers.profile import Profile
 from handlers.progress import Progress, progress_wanted
 from handlers.rng import RNGState
 from handlers.signals import GracefulStop
@@ -72,7 +74,8 @@ def check_output_dir(output_dir: str | Path | None, resume: str | None, name: st
 def failed_start(out: Path) -> bool:
     """Whether ``out`` holds a run of ours that ended before its first checkpoint (its ``config.json``
     and no ``checkpoints/*.pt``): nothing there to continue, so the same command may start afresh in it."""
-    return (out / "config.json").is_file() and not any((out / "checkpoints").glob("*.pt"))
+    started = (out / "config.json").is_file() or (out / "lr_finder.json").is_file()
+    return started and not any((out / "checkpoints").glob("*.pt"))
 
 
 def _clear_failed_start(out: Path) -> None:
@@ -125,6 +128,7 @@ class Run:
         self.resumed_from: Path | None = None
         self.val_loader: Iterable | None = None  # set by attach_run
         self.explain: Callable[[Any, str], str | None] | None = None  # (batch, set name) -> what is wrong
+        self.profile: Profile | None = None
         self.config: dict[str, Any] = {}
 
     @property
@@ -199,6 +203,11 @@ class Run:
         write_line(f"Checkpoints: {out / 'checkpoints'} (best: {checkpoint.best_path and checkpoint.best_path.name}, "
                    f"last: {checkpoint.last_path and checkpoint.last_path.name})")
         write_line(f"History: {out / 'history.json'}")
+        if self.profile is not None and idist.get_rank() == 0:
+            for line in self.profile.table():
+                write_line(line)
+            self.profile.write(out / "profile.json")
+            write_line(f"Profile: {out / 'profile.json'}")
         if self.tensorboard is not None:
             write_line(f"TensorBoard: tensorboard --logdir {out / 'tb'}")
         code = self.stop.exit_code
@@ -298,10 +307,23 @@ def attach_run(
                 purge_step=iteration + 1 if iteration else None,
                 denormalize=denormalize, history=run.history, images_every=settings.tb_images_every,
             ).attach(trainer)
+        if settings.profile:
+            run.profile = Profile().attach(trainer, evaluator)
+        ModelSummary(to_save["model"], on_summary=lambda info: _record_summary(run, info),
+                     log=write_line if rank == 0 else lambda _: None).attach(trainer)
     except BaseException:
         run.close()
         raise
     return run
+
+
+def _record_summary(run: Run, info: dict[str, Any]) -> None:
+    """The model summary into config.json and TensorBoard's text tab (rank 0)."""
+    run.config["model_summary"] = info
+    if idist.get_rank() == 0:
+        write_json_atomic(run.output_dir / "config.json", run.config)
+        if run.tensorboard is not None:
+            run.tensorboard.writer.add_text("model", summary_line(info), run.trainer.state.iteration)
 
 
 def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable, handlers: Sequence[Any]) -> None:

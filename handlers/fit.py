@@ -272,6 +272,9 @@ def build_run(
                                      output_transform=output_transform, batch_transform=train_transform))
         if settings.find_lr:
             return _FinderOnly(finder, settings, name)
+        if finder.suggestion is None:
+            raise ConfigError(f"the LR finder found no learning rate to suggest (the loss did not fall and rise "
+                              f"again over {len(finder.results['lr'])} batches): give {param('lr')} a value")
         for group in optimizer.param_groups:
             group["lr"] = finder.suggestion
         settings = dataclasses.replace(settings, lr=finder.suggestion)
@@ -411,8 +414,9 @@ class _FinderOnly:
         out = check_output_dir(self.settings.output_dir, self.settings.resume, self.name)
         if idist.get_rank() == 0:
             self.finder.write(out, tensorboard=self.settings.tensorboard)
-            write_line(f"LR finder results: {out / 'lr_finder.json'}, {out / 'lr_finder.png'}; train at it with "
-                       f"{param('lr', 'find')} or {param('lr')} <value>")
+            then = f"train at it with {param('lr', 'find')} or " if self.finder.suggestion is not None else "then "
+            write_line(f"LR finder results: {out / 'lr_finder.json'}, {out / 'lr_finder.png'}; {then}"
+                       f"give {param('lr')} a value")
         return RunResult(0, out)
 
 

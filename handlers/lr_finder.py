@@ -36,7 +36,7 @@ class LRFinder:
             raise ValueError(f"num_iter must be an integer >= 2, got {num_iter!r}")
         self.start_lr, self.end_lr, self.num_iter, self.log = start_lr, end_lr, num_iter, log
         self.results: dict[str, list[float]] = {}
-        self.suggestion: float | None = None
+        self.suggestion: float | None = None  # None: the curve had no fall to suggest from
 
     def run(self, trainer: Engine, loader: Iterable, to_save: Mapping[str, Any]) -> "LRFinder":
         try:
@@ -60,7 +60,11 @@ class LRFinder:
             rng.load_state_dict(saved)
         results = finder.get_results()
         self.results = {"lr": [float(v) for v in results["lr"]], "loss": [float(v) for v in results["loss"]]}
-        suggestion = finder.lr_suggestion()
+        try:
+            suggestion = finder.lr_suggestion()
+        except RuntimeError:  # Ignite: "unexpected curve shape" (no fall, or too few points)
+            self.suggestion = None
+            return self
         self.suggestion = float(suggestion[0] if isinstance(suggestion, list) else suggestion)
         return self
 
@@ -70,8 +74,11 @@ class LRFinder:
 
     def line(self) -> str:
         low, high = self.tried
-        return (f"LR finder: suggested lr {self.suggestion:.3g} (tried {low:.3g} to {high:.3g} over "
-                f"{len(self.results['lr'])} batches; the steepest fall of the smoothed loss)")
+        tried = f"tried {low:.3g} to {high:.3g} over {len(self.results['lr'])} batches"
+        if self.suggestion is None:
+            return (f"LR finder: no suggestion ({tried}): the loss did not fall and rise again; try it on more "
+                    f"batches, or with data that can be learnt (see lr_finder.png)")
+        return f"LR finder: suggested lr {self.suggestion:.3g} ({tried}; the steepest fall of the smoothed loss)"
 
     def write(self, out: Path, tensorboard: bool = True) -> None:
         """``lr_finder.json`` (suggestion, range, (lr, loss) pairs), ``lr_finder.png`` and, with
@@ -88,9 +95,10 @@ class LRFinder:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(self.results["lr"], self.results["loss"])
-        ax.axvline(self.suggestion, color="tab:red", linestyle="--", label=f"suggested {self.suggestion:.3g}")
+        if self.suggestion is not None:
+            ax.axvline(self.suggestion, color="tab:red", linestyle="--", label=f"suggested {self.suggestion:.3g}")
+            ax.legend()
         ax.set(xscale="log", xlabel="learning rate", ylabel="loss (smoothed)", title="LR finder")
-        ax.legend()
         fig.tight_layout()
         fig.savefig(out / "lr_finder.png", dpi=100)
         plt.close(fig)

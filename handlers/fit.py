@@ -200,8 +200,8 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
         loader = make_stream_loader(train, batch, generator=torch.Generator().manual_seed(seed), **kw)
         train_loader = StreamLoader(loader, epoch_length=min(lengths, default=None), log=write_line)
         if settings.save_every_iters and not is_stateful_stream(train):
-            write_line(f"The training stream has no state_dict: a resume mid-epoch reads again the batches that epoch "
-                       f"had consumed (exact when the stream yields the same items again)")
+            write_line("The training stream has no state_dict: a resume mid-epoch reads again the batches that epoch "
+                       "had consumed (exact when the stream yields the same items again)")
     return train_loader, _val_loader(val, settings, device, rank, world, kw)
 
 
@@ -321,7 +321,8 @@ def build_run(
     if finder is not None and idist.get_rank() == 0:
         finder.write(run.output_dir, tensorboard=settings.tensorboard)
     if ema is not None:  # the raw weights' scores beside the average's: val_raw_loss, val_raw_accuracy
-        Validation(evaluator_of(eval_model, {}), val_loader, every=settings.val_every, prefix="val_raw_").attach(trainer)
+        raw = evaluator_of(eval_model, {})
+        Validation(raw, val_loader, every=settings.val_every, prefix="val_raw_").attach(trainer)
     return run
 
 

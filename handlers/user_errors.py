@@ -41,7 +41,7 @@ def where_failed(exc: BaseException) -> str | None:
 
 def _worker_parts(exc: BaseException) -> tuple[list[str], str] | None:
     """A DataLoader worker's exception carries the worker's traceback as text: its frames and last line."""
-    text = str(exc)
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)  # KeyError's str() quotes it
     match = _WORKER.search(text)
     if not match:
         return None
@@ -87,7 +87,8 @@ def describe_failure(exc: BaseException) -> str:
     where = where_failed(exc)
     if worker is not None:
         where = f"in a DataLoader worker{', ' + where if where else ''}"
-    return f"{what} ({where + '; ' if where else ''}checkpoints already saved are intact)"
+    hint = "" if user_traceback(exc) or full_traceback_wanted() else f"; {FULL_TRACEBACK_ENV}=1 shows where"
+    return f"{what} ({where + '; ' if where else ''}checkpoints already saved are intact{hint})"
 
 
 def full_traceback_wanted() -> bool:

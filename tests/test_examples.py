@@ -124,14 +124,14 @@ def test_a_custom_model_killed_mid_epoch_and_resumed_auto_equals_an_uninterrupte
 @pytest.mark.parametrize("path", ["auto", "loader"])
 def test_cifar10_example_on_synthetic_data_trains_with_crop_and_flip_and_shows_colour(tmp_path, path):
     out = tmp_path / "cifar"
-    proc = run(str(EXAMPLES / "train_cifar10.py"), "--synthetic", "256", "--epochs", "2", "--batch-size", "64",
+    proc = run(str(EXAMPLES / "train_cifar10.py"), "--synthetic", "512", "--epochs", "2", "--batch-size", "128",
                "--val-batch-size", "128", "--width", "8", "--output-dir", str(out), "--data-path", path,
                "--num-workers", "2" if path == "loader" else "0", *QUIET, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((out / "history.json").read_text())
-    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["val_samples"] == 256
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["val_samples"] == 512
     config = json.loads((out / "config.json").read_text())
-    assert (config["synthetic"], config["width"], config["data_path"], config["augment"]) == (256, 8, path, True)
+    assert (config["synthetic"], config["width"], config["data_path"], config["augment"]) == (512, 8, path, True)
     if path == "auto":  # on the device, per sample; the loader path: torchvision's transforms in the workers
         assert config["train_transform"] == "Compose(RandomCrop(padding=4), RandomHorizontalFlip(p=0.5))"
         acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})

@@ -123,7 +123,8 @@ class Boom:
 def test_on_a_tie_every_report_names_the_first_best_epoch(tmp_path, capsys):
     seed_everything(0)
     x = torch.randn(128, 4)
-    y = (x[:, 0] > 0).long()  # separable: validation accuracy reaches 1.0 and stays there
+    y = (x[:, 0] > 0).long()
+    x[:, 0] += 3 * (2 * y - 1)  # a wide margin: validation accuracy reaches 1.0 at once and stays there
     result = fit(nn.Linear(4, 2), (x, y), (x, y), RunSettings(output_dir=str(tmp_path / "r"), epochs=5, lr=0.1,
                                                               batch_size=16, patience=0, progress=False, log_every=0))
     accuracies = [row["val_accuracy"] for row in result.history]

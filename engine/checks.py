@@ -27,8 +27,10 @@ def check_targets(y: torch.Tensor, classes: int, name: str, ignore_index: int = 
     if y.is_floating_point() or y.dtype == torch.bool:
         raise ConfigError(f"the {name} set's targets are {str(y.dtype).replace('torch.', '')}, but class labels must "
                           f"be integers: convert them with .long() (or pass classification=False for regression)")
-    valid = y == ignore_index
-    low, high = int(torch.where(valid, 0, y).min()), int(torch.where(valid, 0, y).max())
+    labels = y[y != ignore_index]
+    if not labels.numel():
+        return
+    low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= classes:
         bad = low if low < 0 else high
         raise ConfigError(f"the {name} set holds class {bad}, but the model has {classes} outputs (classes 0 to "
@@ -98,16 +100,14 @@ def check_batch(
 ) -> None:
     """One forward of ``batch`` in eval mode, then :func:`diagnose`: a :class:`ConfigError` naming
     ``name`` for the first mismatch. ``all_targets`` (a set held as tensors): every label is checked."""
-    from engine.trainer import check_prediction
+    from engine.trainer import predict
 
     was_training = model.training
     model.eval()
     try:
         x, y = prepare_batch(batch, device, False)
         with autocast_context(device, amp):
-            out = model(x)
-        y_pred = model_transform(out) if model_transform is not None else out
-        check_prediction(y_pred, model_transform is not None)
+            y_pred = predict(model, x, model_transform)
         message = diagnose(y_pred.float(), y, classification=classification, loss_fn=loss_fn, name=name)
         if message is not None:
             raise ConfigError(message)

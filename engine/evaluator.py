@@ -12,7 +12,7 @@ from torch import nn
 from engine.amp import autocast_context
 from engine.device import prepare_batch as default_prepare_batch
 from engine.device import resolve_device
-from engine.trainer import check_prediction
+from engine.trainer import predict
 
 __all__ = ["create_evaluator", "default_metrics"]
 
@@ -56,10 +56,7 @@ def create_evaluator(
         if channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp):
-            out = model(x)
-            y_pred = model_transform(out) if model_transform is not None else out
-            if type(y_pred) is not torch.Tensor:
-                check_prediction(y_pred, model_transform is not None)
+            y_pred = predict(model, x, model_transform)
         if output_transform is not None:
             return output_transform(x, y, y_pred.float())
         return y_pred.float(), y

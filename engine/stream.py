@@ -40,18 +40,19 @@ class StreamLoader:
     its own ``state_dict`` resumes mid-epoch from that position; one without is skipped forward
     again over the batches the epoch had consumed (exact when the stream yields the same items again).
     Without ``epoch_length`` the length of an epoch is unknown until the first pass ends (``len()``
-    raises ``TypeError``, as a ``DataLoader`` over a stream does). ``log`` says when a resume reads a
-    stream again.
+    raises ``TypeError``, as a ``DataLoader`` over a stream does). ``on_resume(loader_state)`` is
+    called after a state is loaded (the run says there when a stream is read again).
     """
 
-    def __init__(self, loader: Any, epoch_length: int | None = None, log: Callable[[str], None] = print) -> None:
+    def __init__(self, loader: Any, epoch_length: int | None = None,
+                 on_resume: Callable[[Mapping[str, Any]], None] | None = None) -> None:  # fmt: skip
         if epoch_length is not None and (not isinstance(epoch_length, int) or epoch_length < 1):
             raise ConfigError(f"{param('epoch_length')} must be a positive integer, got {epoch_length!r}")
         self.loader = loader
         self.epoch_length = epoch_length
         self.dataset = loader.dataset
         self.batch_size = loader.batch_size
-        self.log = log
+        self.on_resume = on_resume
 
     def __len__(self) -> int:
         if self.epoch_length is None:
@@ -78,7 +79,5 @@ class StreamLoader:
         if "loader" not in state:
             raise ConfigError("stream state lacks 'loader'")
         self.loader.load_state_dict(state["loader"])
-        consumed = int(state["loader"].get("_num_yielded") or 0)
-        if consumed and not state["loader"].get("_iterator_finished") and not is_stateful_stream(self.dataset):
-            self.log(f"The stream has no state_dict: reading again the {consumed} batch(es) of this pass it had "
-                       f"consumed, to continue where it stopped")
+        if self.on_resume is not None:
+            self.on_resume(state["loader"])

@@ -14,7 +14,7 @@ from engine.device import resolve_device
 from engine.errors import ConfigError
 from engine.seeding import batch_generator
 
-__all__ = ["TrainStep", "check_prediction", "create_trainer"]
+__all__ = ["TrainStep", "check_prediction", "create_trainer", "predict"]
 
 _get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
 
@@ -97,10 +97,7 @@ class TrainStep:
         if acc == 1 or (iteration - 1) % acc == 0:
             optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.device, self.amp):
-            out = model(x)
-            y_pred = self.model_transform(out) if self.model_transform is not None else out
-            if type(y_pred) is not torch.Tensor:
-                check_prediction(y_pred, self.model_transform is not None)
+            y_pred = predict(model, x, self.model_transform)
             loss = self.loss_fn(y_pred, y)
         scaled = loss / acc if acc > 1 else loss
         if self.scaler is not None:
@@ -124,6 +121,16 @@ class TrainStep:
             else:
                 optimizer.step()
         return output
+
+
+def predict(model: nn.Module, x: Any, model_transform: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+    """The model's predictions for ``x``: its output, through ``model_transform`` when given; anything
+    but a tensor ends in one line (:func:`check_prediction`)."""
+    out = model(x)
+    y_pred = model_transform(out) if model_transform is not None else out
+    if type(y_pred) is not torch.Tensor:
+        check_prediction(y_pred, model_transform is not None)
+    return y_pred
 
 
 def check_prediction(y_pred: Any, transformed: bool = False) -> None:

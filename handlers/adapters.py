@@ -1,4 +1,5 @@
-"""Every place where we rely on a private attribute of Ignite, tensorboardX or PyTorch's DataLoader, and only here.
+"""Every place where we rely on a private attribute of Ignite, tensorboardX, PyTorch's DataLoader or torchdata's
+StatefulDataLoader, and only here.
 
 ``tests/test_adapters.py`` exercises each function against the installed versions, so a release
 that renames one of these attributes fails that test loudly instead of breaking a run quietly.
@@ -7,7 +8,7 @@ that renames one of these attributes fails that test loudly instead of breaking 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -15,7 +16,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 __all__ = ["add_image_fast", "checkpoint_items", "exception_handler_count", "flush_tensorboardx",
-           "release_workers", "set_checkpoint_items"]
+           "release_workers", "set_checkpoint_items", "stream_progress"]
 
 
 def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
@@ -79,3 +80,9 @@ def release_workers(loader: Any) -> bool:
     iterator._shutdown_workers()
     loader._iterator = None
     return True
+
+
+def stream_progress(loader_state: Mapping[str, Any]) -> tuple[int, bool]:
+    """From a ``StatefulDataLoader.state_dict()``: batches handed out in the current pass, and whether
+    that pass had ended."""
+    return int(loader_state.get("_num_yielded") or 0), bool(loader_state.get("_iterator_finished"))

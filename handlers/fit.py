@@ -39,9 +39,9 @@ from engine.seeding import SeededDataset
 from engine.stream import StreamLoader, is_stateful_stream, make_stream_loader
 from handlers.console import write_line
 from handlers.metrics import SampleCount
-from handlers.adapters import release_workers
+from handlers.adapters import stream_progress
 from handlers.lr_finder import LRFinder
-from handlers.run import Run, RunResult, attach_run, check_output_dir
+from handlers.run import Run, RunResult, attach_run, check_output_dir, data_order
 from handlers.validation import Validation
 
 __all__ = ["build_run", "data_route", "fit", "make_loaders", "make_optimizer", "read_into_memory", "run_device"]
@@ -198,11 +198,20 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
     else:
         lengths = [n for n in (settings.epoch_length, limit) if n]
         loader = make_stream_loader(train, batch, generator=torch.Generator().manual_seed(seed), **kw)
-        train_loader = StreamLoader(loader, epoch_length=min(lengths, default=None), log=write_line)
+        train_loader = StreamLoader(loader, epoch_length=min(lengths, default=None),
+                                    on_resume=None if is_stateful_stream(train) else _say_read_again)
         if settings.save_every_iters and not is_stateful_stream(train):
             write_line("The training stream has no state_dict: a resume mid-epoch reads again the batches that epoch "
                        "had consumed (exact when the stream yields the same items again)")
     return train_loader, _val_loader(val, settings, device, rank, world, kw)
+
+
+def _say_read_again(loader_state: Mapping[str, Any]) -> None:
+    """On a resume mid-pass of a stream without state: one line saying it is read again up to there."""
+    consumed, finished = stream_progress(loader_state)
+    if consumed and not finished:
+        write_line(f"The stream has no state_dict: reading again the {consumed} batch(es) of this pass it had "
+                   f"consumed, to continue where it stopped")
 
 
 def _val_loader(val: Data, settings: RunSettings, device: torch.device, rank: int, world: int, kw: dict) -> Any:
@@ -267,7 +276,7 @@ def build_run(
     eval_model = run_model if world == 1 else model  # no collectives in evaluation: shards may differ in size
     finder = None
     if settings.find_lr or settings.lr == "find":
-        finder = _run_lr_finder(run_model, optimizer, loss_fn, train, val, settings, device, amp,
+        finder = _run_lr_finder(run_model, optimizer, loss_fn, train_loader, settings, device, amp,
                                 dict(prepare_batch=prepare_batch, model_transform=model_transform,
                                      output_transform=output_transform, batch_transform=train_transform))
         if settings.find_lr:
@@ -382,12 +391,12 @@ class _StepCount:
         self.scheduler.event_index = int(state["event_index"])
 
 
-def _run_lr_finder(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, train: Data, val: Data,
+def _run_lr_finder(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, loader: Any,
                    settings: RunSettings, device: torch.device, amp: str | None, step: dict[str, Any]) -> LRFinder:
-    """The LR finder on a bare trainer of the same step, over a loader of its own (the run's data order
-    is untouched; a stream that keeps its position is put back where it was); says what it found."""
-    stream_state = train.state_dict() if isinstance(train, IterableDataset) and is_stateful_stream(train) else None
-    loader, _ = make_loaders(train, val, settings, device)
+    """The LR finder on a bare trainer of the same step, over the run's training loader, whose data
+    order (and a stream's place) is put back afterwards; says what it found."""
+    order = data_order(loader, None)
+    saved = order.state_dict() if order is not None else None
     trainer = create_trainer(model, optimizer, loss_fn, device=device, amp=amp,
                              accumulation_steps=settings.accumulation_steps, clip_grad_norm=settings.clip_grad_norm,
                              channels_last=settings.channels_last, seed=settings.seed, **step)
@@ -397,9 +406,8 @@ def _run_lr_finder(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: 
     try:
         finder = LRFinder(log=write_line).run(trainer, loader, to_save)
     finally:
-        release_workers(loader)
-        if stream_state is not None:
-            train.load_state_dict(stream_state)  # type: ignore[union-attr]
+        if order is not None:
+            order.load_state_dict(saved)
     write_line(finder.line())
     return finder
 

@@ -64,3 +64,10 @@ def ordered_handlers(engine: Engine, event: EventEnum) -> list[Callable[..., Any
     registry = engine.__dict__.get("_ordered_dispatchers", {})
     dispatcher = registry.get(event)
     return [] if dispatcher is None else [fn for _, _, fn, _ in dispatcher.entries]
+
+
+def wrap_ordered(engine: Engine, wrap: Callable[[Callable[..., Any], EventEnum], Callable[..., Any]]) -> None:
+    """Replace every handler ``attach_ordered`` put on ``engine`` by ``wrap(fn, event)``, in place and
+    in order (a profiler timing them one by one)."""
+    for event, dispatcher in engine.__dict__.get("_ordered_dispatchers", {}).items():
+        dispatcher.entries = [(stage, order, wrap(fn, event), args) for stage, order, fn, args in dispatcher.entries]

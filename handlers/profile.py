@@ -12,6 +12,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import HandlersTimeProfiler
 
 from handlers.history import write_json_atomic
+from handlers.ordering import wrap_ordered
 
 __all__ = ["Profile"]
 
@@ -42,14 +43,13 @@ class Profile:
         return self
 
     def _time_stages(self, engine: Engine) -> None:
-        """Wrap each handler of the ordered epoch-end dispatchers (once)."""
-        for event, dispatcher in engine.__dict__.get("_ordered_dispatchers", {}).items():
-            for i, (stage, order, fn, args) in enumerate(dispatcher.entries):
-                if not getattr(fn, "_profiled", False):
-                    dispatcher.entries[i] = (stage, order, self._timed(fn, getattr(event, "name", str(event))), args)
+        """Time each handler run in order at an epoch's end (wrapped once)."""
+        wrap_ordered(engine, self._timed)
 
-    def _timed(self, fn: Callable[..., Any], event: str) -> Callable[..., Any]:
-        times = self._staged.setdefault((_name(fn), event), [])
+    def _timed(self, fn: Callable[..., Any], event: Any) -> Callable[..., Any]:
+        if getattr(fn, "_profiled", False):
+            return fn
+        times = self._staged.setdefault((_name(fn), getattr(event, "name", str(event))), [])
 
         def timed(*args: Any) -> Any:
             start = time.perf_counter()

@@ -88,14 +88,14 @@ def _clear_failed_start(out: Path) -> None:
     write_line(f"{out} holds no checkpoint (the run there ended before its first save): starting afresh in it")
 
 
-def data_order(train_loader: Iterable, trainer: Engine) -> Any | None:
-    """The object that holds the training data's order (an ``InMemoryLoader``, or the loader's
-    ``ResumableRandomSampler``, then attached to ``trainer``); ``None`` if there is none to save."""
+def data_order(train_loader: Iterable, trainer: Engine | None) -> Any | None:
+    """The object that holds the training data's order (an ``InMemoryLoader``, a ``StreamLoader``, or the
+    loader's ``ResumableRandomSampler``, then attached to ``trainer`` if given); ``None`` if there is none."""
     if hasattr(train_loader, "state_dict") and hasattr(train_loader, "load_state_dict"):
         return train_loader
     sampler = getattr(train_loader, "sampler", None)
     if hasattr(sampler, "state_dict") and hasattr(sampler, "load_state_dict"):
-        if hasattr(sampler, "attach"):
+        if trainer is not None and hasattr(sampler, "attach"):
             sampler.attach(trainer, getattr(train_loader, "batch_size", None) or 1)
         return sampler
     return None

@@ -88,3 +88,21 @@ def test_release_workers_stops_a_loaders_persistent_workers():
     assert not any(w.is_alive() for w in workers)
     assert not release_workers(loader) and [len(b) for b in loader] == [4, 4]  # usable again
     release_workers(loader)
+
+
+def test_stream_progress_reads_a_stateful_dataloaders_state():
+    from torch.utils.data import IterableDataset
+
+    from engine.stream import make_stream_loader
+    from handlers.adapters import stream_progress
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from range(10)
+
+    loader = make_stream_loader(Stream(), 4)
+    batches = iter(loader)
+    next(batches)
+    assert stream_progress(loader.state_dict()) == (1, False)
+    list(batches)
+    assert stream_progress(loader.state_dict()) == (3, True)

@@ -61,14 +61,16 @@ def test_the_lr_finder_suggests_inside_its_range_and_leaves_model_and_optimizer_
     assert [e.value for e in acc.Scalars("lr_finder/lr")] == pytest.approx(found["lr"], rel=1e-6)
 
 
-def test_lr_find_trains_at_the_suggestion_and_the_finder_does_not_change_the_run(tmp_path):
+@pytest.mark.parametrize("path, workers", [("memory", 0), ("loader", 0), ("loader", 2)])
+def test_lr_find_trains_at_the_suggestion_and_the_finder_does_not_change_the_run(tmp_path, path, workers):
     runs = {}
     for name, lr in (("found", "find"), ("given", None)):
         if lr is None:
             lr = json.loads((tmp_path / "found" / "config.json").read_text())["lr"]
         seed_everything(0)
-        runs[name] = fit(net(), data(640, 1), data(128, 2), RunSettings(output_dir=str(tmp_path / name), lr=lr,
-                                                                         epochs=2, batch_size=32, **QUIET))
+        settings = RunSettings(output_dir=str(tmp_path / name), lr=lr, epochs=2, batch_size=32, data_path=path,
+                               num_workers=workers, **QUIET)
+        runs[name] = fit(net(), data(640, 1), data(128, 2), settings)
     config = json.loads((tmp_path / "found" / "config.json").read_text())
     assert config["lr"] == config["lr_finder"]["suggestion"]
     assert figures(runs["found"].history) == figures(runs["given"].history)  # the finder left no trace

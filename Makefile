@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/data_path.py
 	$(BIN)/python benchmarks/augment.py
+	$(BIN)/python benchmarks/seed_process.py
 	$(BIN)/python benchmarks/time_to_accuracy.py
 
 clean-venv:

@@ -4,7 +4,7 @@ Its CNN (conv32 -> conv64 -> maxpool -> dropout -> fc128 -> dropout -> fc10), Ad
 cross-entropy, batch 64 through a DataLoader with ToTensor + Normalize, validation under
 ``torch.no_grad()``, a line per epoch; per-sample means. Timed as a whole process, start to exit.
 
-    python benchmarks/seed_loop.py [--data-dir DIR] [--epochs 3]
+    python benchmarks/seed_loop.py [--data-dir DIR] [--epochs 3] [--limit-train-batches N]
 
 Last line: val_accuracy=<fraction>
 """
@@ -22,6 +22,7 @@ p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--data-dir", default="../shared/data")
 p.add_argument("--epochs", type=int, default=3)
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--limit-train-batches", type=int, default=None, help="training batches per epoch (default: all)")
 args = p.parse_args()
 torch.manual_seed(args.seed)
 
@@ -38,7 +39,7 @@ for epoch in range(1, args.epochs + 1):
     started = time.perf_counter()
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in train_loader:
+    for batch, (x, y) in enumerate(train_loader, 1):
         optimizer.zero_grad()  # the seed's order: clear, forward, loss, backward, step
         out = model(x)
         loss = F.cross_entropy(out, y)
@@ -47,6 +48,8 @@ for epoch in range(1, args.epochs + 1):
         loss_sum += loss.item() * y.shape[0]
         correct += int((out.argmax(1) == y).sum())
         seen += y.shape[0]
+        if batch == args.limit_train_batches:
+            break
     model.eval()
     val_correct = 0
     with torch.no_grad():

@@ -31,8 +31,9 @@ class RunSettings:
         data: ``data_dir``, ``download``, ``data_path`` (``"auto"``: tensors on the device, any other
             ``Dataset`` through a ``DataLoader``; ``"memory"``: read into tensors on the device;
             ``"loader"``: a ``DataLoader``; ``"torchvision"`` is the old name of ``"loader"``),
-            ``num_workers``, ``limit_train_batches``, ``epoch_length`` (batches per epoch of a stream,
-            an ``IterableDataset``; default: one pass).
+            ``num_workers``, ``limit_train_batches``, ``limit_val_batches`` (validate on the first N
+            batches of the validation set: a quick check, not a score to compare), ``epoch_length``
+            (batches per epoch of a stream, an ``IterableDataset``; default: one pass).
         what to watch: ``monitor`` (a key of ``trainer.state.metrics``; default ``val_accuracy``
             for classification, ``val_loss`` otherwise) and ``mode`` (``"max"``/``"min"``; default
             ``"min"`` when the name holds ``loss`` or ``error``, else ``"max"``): early stopping,
@@ -67,6 +68,7 @@ class RunSettings:
     data_path: str = "auto"
     num_workers: int = 0
     limit_train_batches: int | None = None
+    limit_val_batches: int | None = None
     epoch_length: int | None = None
     monitor: str | None = None
     mode: str | None = None
@@ -104,7 +106,8 @@ class RunSettings:
             _positive_int(self, name)
         if self.data_path == "torchvision":
             self.data_path = "loader"
-        for name in ("limit_train_batches", "epoch_length", "save_every_iters", "threads", "nproc_per_node"):
+        for name in ("limit_train_batches", "limit_val_batches", "epoch_length", "save_every_iters", "threads",
+                     "nproc_per_node"):
             if getattr(self, name) is not None:
                 _positive_int(self, name)
         for name in ("patience", "early_stop_warmup", "log_every", "tb_images_every", "num_workers"):

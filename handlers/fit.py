@@ -11,7 +11,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import ignite.distributed as idist
 import torch
@@ -218,17 +219,31 @@ def _val_loader(val: Data, settings: RunSettings, device: torch.device, rank: in
     route = data_route(val, settings.data_path, "validation")
     _check_not_empty(val, "validation")
     pair = _tensor_pair(val, "validation")
+    keep = settings.limit_val_batches and settings.limit_val_batches * settings.val_batch_size  # samples, global
     if route == "memory":
         vx, vy = pair or read_into_memory(val, "validation", device)
-        return InMemoryLoader(vx, vy, settings.val_batch_size, shuffle=False, device=device, rank=rank,
-                              world_size=world)
+        return InMemoryLoader(vx[:keep or None], vy[:keep or None], settings.val_batch_size, shuffle=False,
+                              device=device, rank=rank, world_size=world)
     order = torch.Generator().manual_seed(settings.seed)  # not the global RNG: the model's dropout draws from it
     if route == "stream":
-        return DataLoader(val, batch_size=settings.val_batch_size, generator=order, **kw)
+        stream = DataLoader(val, batch_size=settings.val_batch_size, generator=order, **kw)
+        return _FirstBatches(stream, settings.limit_val_batches) if keep else stream
     val_set = SeededDataset(val if isinstance(val, Dataset) else TensorDataset(*pair), settings.seed)
+    if keep and keep < len(val_set):
+        val_set = Subset(val_set, range(keep))
     if world > 1:
         val_set = Subset(val_set, range(rank, len(val_set), world))
     return DataLoader(val_set, batch_size=settings.val_batch_size, shuffle=False, generator=order, **kw)
+
+
+class _FirstBatches:
+    """The first ``n`` batches of a loader, afresh at each pass (a validation stream cut short)."""
+
+    def __init__(self, loader: Iterable, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(iter(self.loader), self.n)
 
 
 def build_run(

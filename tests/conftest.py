@@ -17,6 +17,11 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per test worker (and per process it starts): `-n 2` on 2 cores runs two tests
+    # at once instead of two threads fighting for each core; set OMP_NUM_THREADS yourself to override
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "train_mnist.py"
 MNIST_FILES = [f"{p}-{k}-idx{3 if k == 'images' else 1}-ubyte" for p in ("train", "t10k") for k in ("images", "labels")]
@@ -66,6 +71,42 @@ def mnist_root() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return _found["root"]  # type: ignore[return-value]
+
+
+# Module fixtures that run training processes: under ``-n`` (``--dist loadgroup``) the tests that share
+# one stay on one worker, which then computes it once.
+SHARED_RUNS = ("uninterrupted", "killed_every_7", "run_dir")
+# The longest tests (a whole seed-preset epoch, every bit flip of a file, the torchrun references):
+# started first, so that no worker is left with one of them at the end.
+LONGEST = ("test_seed_preset_one_epoch_reaches_98_percent", "test_every_one_of_the_files_single_bit_flips",
+           "test_torchrun_restarts_a_killed_worker")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list) -> None:
+    """The longest first, then the other real runs (``slow``), unit tests last: with ``-n`` the short
+    ones fill in at the end instead of a long one starting when the other worker is already idle."""
+    groups: dict[int, str] = {}
+    for item in items:
+        shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+            groups[id(item)] = shared[0]
+
+    def rank(item) -> tuple[int, bool]:
+        longest = next((i for i, name in enumerate(LONGEST) if item.name.startswith(name)), len(LONGEST))
+        return longest, item.get_closest_marker("slow") is None
+
+    # a group's tests stay next to each other (at its first member's place), so that its module
+    # fixture is set up once, not again after each test of another module in between
+    first: dict[str, tuple] = {}
+    for index, item in enumerate(items):
+        if id(item) in groups:
+            group = groups[id(item)]
+            first[group] = min(first.get(group, (*rank(item), index)), (*rank(item), index))
+    keys = {id(item): first[groups[id(item)]] if id(item) in groups else (*rank(item), index)
+            for index, item in enumerate(items)}
+    items.sort(key=lambda item: keys[id(item)])
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -1,5 +1,6 @@
-"""A user's program with the ordinary mistakes (tests/test_mistakes.py runs it as a real subprocess):
-`--case` picks one; `--case ok` is the same program with the mistake mended."""
+"""A user's program with the ordinary mistakes (tests/test_mistakes.py runs it as a real subprocess,
+and its mended rerun in-process through the same `cli.main`): `--case` picks one; `--case ok` is the
+same program with the mistake mended."""
 
 from __future__ import annotations
 
@@ -84,7 +85,11 @@ def train(s: Settings):
     return fit(Net(), (x, y), val, s)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     parser = cli.run_parser("A user's program with a mistake.", Settings())
     parser.add_argument("--case", choices=CASES, default="ok")
-    sys.exit(cli.main(train, parser, Settings))
+    return cli.main(train, parser, Settings, argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

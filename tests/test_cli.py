@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from engine import CheckpointSaveError, ConfigError, RunSettings, flag_names, param
 from handlers import RunResult, cli
+from tests.conftest import ROOT
 
 
 @dataclasses.dataclass
@@ -99,3 +102,22 @@ def test_nproc_per_node_under_a_launcher_is_refused(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(lambda s: 0, cli.run_parser("test"), argv=["--nproc-per-node", "2"]) == 2
     assert "--nproc-per-node spawns processes itself" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profiled", [False, True])
+def test_exit_process_exits_with_the_code_after_atexit_and_flushed_output(tmp_path, profiled):
+    marker = tmp_path / "atexit-ran"
+    script = tmp_path / "prog.py"
+    script.write_text(
+        "import atexit, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from handlers import cli\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
+        "sys.stdout.write('unflushed line')\n"
+        "cli.exit_process(3)\n")
+    cmd = [sys.executable, *(["-m", "cProfile", "-o", str(tmp_path / "prof")] if profiled else []), str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 or profiled, proc.stderr  # python -m cProfile exits 0 after sys.exit(3)
+    assert proc.stdout == "unflushed line" and marker.read_text() == "yes"
+    assert (tmp_path / "prof").exists() == profiled  # under a profiler: a plain sys.exit, its results written

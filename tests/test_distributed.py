@@ -117,8 +117,8 @@ def test_one_rank_failing_ends_every_rank_non_zero(mnist_root, tmp_path):
 # Two recipes, one per data path: the default (in-memory tensors, batch norm, one-cycle) and the seed's
 # (DataLoader + ResumableRandomSampler, dropout: the RNG streams matter). 40 (30) batches an epoch.
 RECIPES = {
-    "memory": ["--limit-train-batches", "40", "--epochs", "3"],
-    "torchvision": ["--preset", "seed", "--limit-train-batches", "30", "--epochs", "2"],
+    "memory": ["--limit-train-batches", "40", "--limit-val-batches", "1", "--epochs", "3"],
+    "torchvision": ["--preset", "seed", "--limit-train-batches", "30", "--limit-val-batches", "1", "--epochs", "2"],
 }
 FT = ["--save-every-iters", "5", "--seed", "3", "--log-every", "0", "--no-progress", "--no-tensorboard"]
 TIMING = {"epoch_seconds", "samples_per_second"}

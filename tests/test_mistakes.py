@@ -16,6 +16,7 @@ from torch import nn
 
 from engine import RunSettings
 from handlers import fit, seed_everything
+from tests import mistake_program
 
 PROGRAM = Path(__file__).resolve().parent / "mistake_program.py"
 pytestmark = pytest.mark.slow
@@ -26,13 +27,16 @@ def program(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
-def mended_rerun_works(out: Path) -> None:
+def mended_rerun_works(out: Path, capsys) -> None:
     """The same command with the mistake mended, same folder, no --resume: it trains to the end (saying
-    so in one line where the failed run had begun writing)."""
+    so in one line where the failed run had begun writing). In-process, through the same ``cli.main``
+    (the failing run before it was the real process)."""
     started = (out / "config.json").exists()
-    again = program("--case", "ok", "--output-dir", str(out))
-    assert again.returncode == 0, again.stderr
-    said = "holds no checkpoint (the run there ended before its first save): starting afresh in it" in again.stdout
+    capsys.readouterr()
+    code = mistake_program.main(["--case", "ok", "--output-dir", str(out)])
+    again = capsys.readouterr()
+    assert code == 0, again.err
+    said = "holds no checkpoint (the run there ended before its first save): starting afresh in it" in again.out
     assert said == started
 
 
@@ -49,7 +53,7 @@ def mended_rerun_works(out: Path) -> None:
                               "shape, so the loss would broadcast them (or fail)"),
     ("empty-validation", ["--data-path", "loader"], "error: the validation set is empty"),
 ])  # fmt: skip
-def test_a_data_mistake_is_one_line_exit_2_and_the_folder_stays_usable(tmp_path, case, extra, line):
+def test_a_data_mistake_is_one_line_exit_2_and_the_folder_stays_usable(tmp_path, capsys, case, extra, line):
     out = tmp_path / "run"
     proc = program("--case", case, "--output-dir", str(out), *extra)
     assert proc.returncode == 2, proc.stderr
@@ -57,7 +61,7 @@ def test_a_data_mistake_is_one_line_exit_2_and_the_folder_stays_usable(tmp_path,
     assert len(lines) == 1 and lines[0].startswith(line), proc.stderr
     if case != "late-target-out-of-range":  # found before the first step: nothing written at all
         assert not out.exists()
-    mended_rerun_works(out)
+    mended_rerun_works(out, capsys)
 
 
 @pytest.mark.parametrize("case, extra, frame, line", [
@@ -66,7 +70,8 @@ def test_a_data_mistake_is_one_line_exit_2_and_the_folder_stays_usable(tmp_path,
      "error: KeyError: 'sample 50 is missing' (in a DataLoader worker, epoch 1, iteration "),
     ("getitem-bug", [], "in __getitem__", "error: KeyError: 'sample 50 is missing' (epoch 1, iteration "),
 ])  # fmt: skip
-def test_a_bug_in_the_users_code_shows_their_frames_only_then_one_line(tmp_path, case, extra, frame, line):
+def test_a_bug_in_the_users_code_shows_their_frames_only_then_one_line(tmp_path, capsys, case, extra, frame,
+                                                                        line):
     out = tmp_path / "run"
     proc = program("--case", case, "--output-dir", str(out), *extra)
     assert proc.returncode == 1, proc.stderr
@@ -77,21 +82,21 @@ def test_a_bug_in_the_users_code_shows_their_frames_only_then_one_line(tmp_path,
     assert files and set(files) == {str(PROGRAM)} and any(frame in entry for entry in lines)
     full = program("--case", case, "--output-dir", str(tmp_path / "full"), *extra, env={"TRAINER_FULL_TRACEBACK": "1"})
     assert full.returncode == 1 and "site-packages" in full.stderr and full.stderr.strip().splitlines()[-1] == lines[-1]
-    mended_rerun_works(out)
+    mended_rerun_works(out, capsys)
 
 
-def test_nan_in_the_inputs_blames_the_data_not_the_learning_rate(tmp_path):
+def test_nan_in_the_inputs_blames_the_data_not_the_learning_rate(tmp_path, capsys):
     proc = program("--case", "nan-inputs", "--output-dir", str(tmp_path / "run"))
     assert proc.returncode == 3
     stopped = [line for line in proc.stdout.splitlines() if line.startswith("Stopped:")]
     assert len(stopped) == 1 and "holds NaN or infinite inputs (sample(s) " in stopped[0]
     assert "the data is at fault" in stopped[0] and "--lr" not in stopped[0]
-    mended_rerun_works(tmp_path / "run")
+    mended_rerun_works(tmp_path / "run", capsys)
 
 
 def test_a_run_folder_holding_a_checkpoint_is_still_refused_without_resume(tmp_path):
     out = tmp_path / "run"
-    assert program("--case", "ok", "--output-dir", str(out)).returncode == 0
+    assert mistake_program.main(["--case", "ok", "--output-dir", str(out)]) == 0  # in-process; the refusal: real
     again = program("--case", "ok", "--output-dir", str(out))
     assert again.returncode == 2 and "already holds a run: pass --resume auto" in again.stderr
 

@@ -52,14 +52,25 @@ def test_stop_signal_saves_mid_epoch_and_resume_is_bit_exact(mnist_root, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("damage_newest", [False, True])
-def test_save_every_iters_then_sigkill_resumes_mid_epoch_exactly(mnist_root, tmp_path, damage_newest):
-    args = [*QUICK, "--epochs", "2", "--save-every-iters", "7", "--seed", "1"]
-    straight = tmp_path / "straight"
-    assert run_script(*args, "--output-dir", str(straight), mnist=mnist_root).returncode == 0
-    killed = tmp_path / "killed"
-    code, output = kill_when([*args, "--output-dir", str(killed)], mnist_root, "Epoch 2, Batch 20")
+EVERY_7 = [*QUICK, "--epochs", "2", "--save-every-iters", "7", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def killed_every_7(mnist_root, tmp_path_factory):
+    """An uninterrupted run saving every 7 iterations, and the same run SIGKILLed mid-epoch 2 (both
+    resume tests start from a copy of the killed folder)."""
+    straight, killed = tmp_path_factory.mktemp("straight") / "run", tmp_path_factory.mktemp("killed") / "run"
+    assert run_script(*EVERY_7, "--output-dir", str(straight), mnist=mnist_root).returncode == 0
+    code, output = kill_when([*EVERY_7, "--output-dir", str(killed)], mnist_root, "Epoch 2, Batch 20")
     assert code == -signal.SIGKILL, output
+    return straight, killed
+
+
+@pytest.mark.parametrize("damage_newest", [False, True])
+def test_save_every_iters_then_sigkill_resumes_mid_epoch_exactly(mnist_root, tmp_path, killed_every_7, damage_newest):
+    args, (straight, template) = EVERY_7, killed_every_7
+    killed = tmp_path / "killed"
+    shutil.copytree(template, killed)
     names = sorted(p.name for p in (killed / "checkpoints").glob("last_*.pt"))
     assert len(names) == 2 and "last_iter=49.pt" in names  # rotation keeps the two newest
     if damage_newest:  # one flipped bit inside a tensor, same length: torch.load would not notice

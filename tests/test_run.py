@@ -143,3 +143,26 @@ def test_signal_handlers_are_put_back_when_a_run_completes_or_stops_early(tmp_pa
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     regress(tmp_path, epochs=4, patience=patience, min_delta=1e3)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y))
+
+
+@pytest.mark.parametrize("form", ["tensors", "dataset", "stream"])
+def test_limit_val_batches_validates_on_the_first_batches_only(tmp_path, form):
+    vx, vy = regression_data(200, 2)
+    val = {"tensors": (vx, vy), "dataset": torch.utils.data.TensorDataset(vx[:, :8], vy),
+           "stream": Stream(vx, vy)}[form]
+    if form == "dataset":  # a Dataset that is not two tensors: the loader path
+        val = torch.utils.data.Subset(val, range(200))
+    settings = RunSettings(output_dir=str(tmp_path / form), epochs=2, batch_size=32, val_batch_size=30,
+                           limit_val_batches=3, log_every=0, progress=False, tensorboard=False, seed=1)
+    result = fit(Regressor(), regression_data(640, 1), val, settings, classification=False)
+    assert result.exit_code == 0 and [row["val_samples"] for row in result.history] == [90, 90]
+    with pytest.raises(ConfigError, match="limit_val_batches must be a positive integer, got 0"):
+        RunSettings(limit_val_batches=0)

@@ -122,8 +122,8 @@ def test_tensorboard_server_serves_the_curves_of_history(run_dir):
 
 def test_killed_and_resumed_run_has_no_step_twice(mnist_root, tmp_path):
     out = tmp_path / "run"
-    args = ["--epochs", "3", "--limit-train-batches", "60", "--log-every", "10", "--no-progress",
-            "--output-dir", str(out)]
+    args = ["--epochs", "3", "--limit-train-batches", "60", "--limit-val-batches", "1", "--log-every", "10",
+            "--no-progress", "--output-dir", str(out)]
     code, output = kill_when(args, mnist_root, "Epoch 2, Batch 40")
     assert code == -signal.SIGKILL, output
     resumed = run_script(*args, "--resume", "auto", mnist=mnist_root)

@@ -16,7 +16,7 @@ from tests.conftest import SCRIPT, run_script
 
 pytestmark = pytest.mark.slow
 TIMING_KEYS = {"epoch_seconds", "samples_per_second"}
-QUICK = ["--limit-train-batches", "30", "--log-every", "10", "--no-progress"]
+QUICK = ["--limit-train-batches", "30", "--limit-val-batches", "1", "--log-every", "10", "--no-progress"]
 
 
 def history(run_dir: Path) -> list[dict]:

@@ -45,7 +45,6 @@ from handlers.validation import Validation
 __all__ = ["Run", "RunResult", "attach_run", "check_output_dir", "data_order"]
 
 
-
 def _process_start() -> float:
     """The ``time.perf_counter()`` reading at this process's start (Linux: from ``/proc``, so that the
     summary line counts the imports too), else at this module's import."""

@@ -32,7 +32,7 @@ from common import ROOT, machine, mnist_root
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
-    """Wall seconds of a whole process and its last line of output; exits on failure."""
+    """Wall seconds of a whole process and its standard output; exits on failure."""
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seconds = time.perf_counter() - start

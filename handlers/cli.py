@@ -14,6 +14,7 @@ of the run died, 130/143 a stop signal.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import dataclasses
 import gc
@@ -354,8 +355,6 @@ def exit_process(code: int) -> NoReturn:
     it is a plain ``sys.exit``."""
     if sys.gettrace() is not None or sys.getprofile() is not None:
         sys.exit(code)
-    import atexit
-
     gc.collect()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

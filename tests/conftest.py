@@ -86,27 +86,23 @@ LONGEST = ("test_seed_preset_one_epoch_reaches_98_percent", "test_every_one_of_t
 def pytest_collection_modifyitems(items: list) -> None:
     """The longest first, then the other real runs (``slow``), unit tests last: with ``-n`` the short
     ones fill in at the end instead of a long one starting when the other worker is already idle."""
-    groups: dict[int, str] = {}
-    for item in items:
-        shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
-            groups[id(item)] = shared[0]
-
-    def rank(item) -> tuple[int, bool]:
+    def key(index: int, item) -> tuple[int, bool, int]:
         longest = next((i for i, name in enumerate(LONGEST) if item.name.startswith(name)), len(LONGEST))
-        return longest, item.get_closest_marker("slow") is None
+        return longest, item.get_closest_marker("slow") is None, index
 
-    # a group's tests stay next to each other (at its first member's place), so that its module
-    # fixture is set up once, not again after each test of another module in between
+    keys = {item: key(index, item) for index, item in enumerate(items)}
+    group_of = {}
+    for item in items:
+        shared = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
+        if shared is not None:
+            item.add_marker(pytest.mark.xdist_group(shared))
+            group_of[item] = shared
+    # a group's tests sort together (at its first member's place), so that its module fixture is set
+    # up once, not again after each test of another module in between
     first: dict[str, tuple] = {}
-    for index, item in enumerate(items):
-        if id(item) in groups:
-            group = groups[id(item)]
-            first[group] = min(first.get(group, (*rank(item), index)), (*rank(item), index))
-    keys = {id(item): first[groups[id(item)]] if id(item) in groups else (*rank(item), index)
-            for index, item in enumerate(items)}
-    items.sort(key=lambda item: keys[id(item)])
+    for item, group in group_of.items():
+        first[group] = min(first.get(group, keys[item]), keys[item])
+    items.sort(key=lambda item: first[group_of[item]] if item in group_of else keys[item])
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

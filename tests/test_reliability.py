@@ -68,8 +68,8 @@ def killed_every_7(mnist_root, tmp_path_factory):
 
 @pytest.mark.parametrize("damage_newest", [False, True])
 def test_save_every_iters_then_sigkill_resumes_mid_epoch_exactly(mnist_root, tmp_path, killed_every_7, damage_newest):
-    args, (straight, template) = EVERY_7, killed_every_7
-    killed = tmp_path / "killed"
+    args, killed = EVERY_7, tmp_path / "killed"
+    straight, template = killed_every_7
     shutil.copytree(template, killed)
     names = sorted(p.name for p in (killed / "checkpoints").glob("last_*.pt"))
     assert len(names) == 2 and "last_iter=49.pt" in names  # rotation keeps the two newest

@@ -9,11 +9,15 @@ session ends with one line saying how many and how to provide the data.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 import pytest
 
@@ -76,9 +80,9 @@ def mnist_root() -> Path:
 # Module fixtures that run training processes: under ``-n`` (``--dist loadgroup``) the tests that share
 # one stay on one worker, which then computes it once.
 SHARED_RUNS = ("uninterrupted", "killed_every_7", "run_dir")
-# The longest tests (a whole seed-preset epoch, every bit flip of a file, the torchrun references):
+# The longest tests (half a seed-preset epoch, every bit flip of a file, the torchrun references):
 # started first, so that no worker is left with one of them at the end.
-LONGEST = ("test_seed_preset_one_epoch_reaches_98_percent", "test_every_one_of_the_files_single_bit_flips",
+LONGEST = ("test_seed_preset_half_an_epoch_reaches_97_5_percent", "test_every_one_of_the_files_single_bit_flips",
            "test_torchrun_restarts_a_killed_worker")
 
 
@@ -113,6 +117,52 @@ def pytest_terminal_summary(terminalreporter) -> None:
             f"{skipped} tests skipped for want of MNIST: put the four IDX files in ./data/MNIST/raw "
             f"(or set MNIST_ROOT to a folder holding MNIST/raw), or run once where the download works",
             yellow=True, bold=True)
+
+
+def in_process(main: Callable[[list[str]], int], argv: list[str],
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """``main(argv)`` (a program's ``cli.main``) run in this process, its output captured as a process's:
+    for the runs whose process is not what a test is about (an uninterrupted reference run, the
+    second case of a refusal already tested as a real process). ``MNIST_ROOT`` is unset meanwhile, as
+    ``run_script`` unsets it, and ``env`` set; both, and torch's thread count (``--threads``), are put
+    back afterwards."""
+    import torch  # here, not at the top: a worker's OMP_NUM_THREADS is set before torch starts
+
+    out, err = io.StringIO(), io.StringIO()
+    changed = {"MNIST_ROOT": None, **(env or {})}
+    saved, threads = {name: os.environ.get(name) for name in changed}, torch.get_num_threads()
+    for name, value in changed.items():
+        os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(argv))
+            except SystemExit as stop:  # the parser's own exit (--help)
+                code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        torch.set_num_threads(threads)
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+@functools.cache
+def _example(path: Path) -> ModuleType:
+    """An example script imported as a module (its ``__main__`` block does not run), once a worker."""
+    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(*args: str, mnist: Path | None) -> subprocess.CompletedProcess:
+    """examples/train_mnist.py's ``cli.main`` in this process (see :func:`in_process`), with the
+    arguments ``run_script`` would give the script."""
+    example = _example(SCRIPT)
+    argv = [*args, *(["--data-dir", str(mnist)] if mnist is not None else [])]
+    return in_process(lambda a: example.cli.main(example.train, example.build_parser(), example.MnistSettings,
+                                                 example.PRESETS, argv=a), argv)
 
 
 def run_script(*args: str, mnist: Path | None, timeout: float = 600, env: dict | None = None, cwd=None):

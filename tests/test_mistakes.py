@@ -17,6 +17,7 @@ from torch import nn
 from engine import RunSettings
 from handlers import fit, seed_everything
 from tests import mistake_program
+from tests.conftest import in_process
 
 PROGRAM = Path(__file__).resolve().parent / "mistake_program.py"
 pytestmark = pytest.mark.slow
@@ -25,6 +26,11 @@ pytestmark = pytest.mark.slow
 def program(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(PROGRAM), *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def in_this_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The same program through its ``main(argv)`` in this process: the cases after a kind's first."""
+    return in_process(mistake_program.main, list(args), env)
 
 
 def mended_rerun_works(out: Path, capsys) -> None:
@@ -40,7 +46,7 @@ def mended_rerun_works(out: Path, capsys) -> None:
     assert said == started
 
 
-@pytest.mark.parametrize("case, extra, line", [
+@pytest.mark.parametrize("case, extra, line", [  # the first a real process, the others in-process
     ("float-targets", [], "error: the training set's targets are float32, but class labels must be integers: "
                           "convert them with .long() (or pass classification=False for regression)"),
     ("target-out-of-range", [], "error: the training set holds class 5, but the model has 3 outputs (classes 0 to "
@@ -55,7 +61,7 @@ def mended_rerun_works(out: Path, capsys) -> None:
 ])  # fmt: skip
 def test_a_data_mistake_is_one_line_exit_2_and_the_folder_stays_usable(tmp_path, capsys, case, extra, line):
     out = tmp_path / "run"
-    proc = program("--case", case, "--output-dir", str(out), *extra)
+    proc = (program if case == "float-targets" else in_this_process)("--case", case, "--output-dir", str(out), *extra)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), proc.stderr
@@ -80,7 +86,8 @@ def test_a_bug_in_the_users_code_shows_their_frames_only_then_one_line(tmp_path,
     assert lines[-1].startswith(line) and lines[-1].endswith("checkpoints already saved are intact)")
     files = [entry.split('"')[1] for entry in lines if entry.startswith('  File "')]
     assert files and set(files) == {str(PROGRAM)} and any(frame in entry for entry in lines)
-    full = program("--case", case, "--output-dir", str(tmp_path / "full"), *extra, env={"TRAINER_FULL_TRACEBACK": "1"})
+    full = in_this_process("--case", case, "--output-dir", str(tmp_path / "full"), *extra,
+                           env={"TRAINER_FULL_TRACEBACK": "1"})  # the whole traceback: in-process
     assert full.returncode == 1 and "site-packages" in full.stderr and full.stderr.strip().splitlines()[-1] == lines[-1]
     mended_rerun_works(out, capsys)
 

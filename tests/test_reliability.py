@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from engine import CheckpointError
 from handlers import load_checkpoint
-from tests.conftest import SCRIPT, run_script
+from tests.conftest import SCRIPT, run_main, run_script
 from tests.test_integrity import flip_tensor_bit
 from tests.test_train_mnist import QUICK, figures, final_weights, history, kill_when
 
@@ -35,8 +35,8 @@ def test_stop_signal_saves_mid_epoch_and_resume_is_bit_exact(mnist_root, tmp_pat
                                                              expected):
     args = [*QUICK, "--epochs", "2", "--data-path", data_path, "--num-workers", str(workers), "--seed", "5",
             "--preset", preset, "--val-every", "2"]  # one validation per run: the test is about training
-    straight = tmp_path / "straight"
-    assert run_script(*args, "--output-dir", str(straight), mnist=mnist_root).returncode == 0
+    straight = tmp_path / "straight"  # the reference in-process; the stopped run and its resume: processes
+    assert run_main(*args, "--output-dir", str(straight), mnist=mnist_root).returncode == 0
     stopped = tmp_path / "stopped"
     code, output = kill_when([*args, "--output-dir", str(stopped)], mnist_root, "Epoch 2, Batch 10", sig)
     assert code == expected, output
@@ -60,7 +60,7 @@ def killed_every_7(mnist_root, tmp_path_factory):
     """An uninterrupted run saving every 7 iterations, and the same run SIGKILLed mid-epoch 2 (both
     resume tests start from a copy of the killed folder)."""
     straight, killed = tmp_path_factory.mktemp("straight") / "run", tmp_path_factory.mktemp("killed") / "run"
-    assert run_script(*EVERY_7, "--output-dir", str(straight), mnist=mnist_root).returncode == 0
+    assert run_main(*EVERY_7, "--output-dir", str(straight), mnist=mnist_root).returncode == 0  # in-process
     code, output = kill_when([*EVERY_7, "--output-dir", str(killed)], mnist_root, "Epoch 2, Batch 20")
     assert code == -signal.SIGKILL, output
     return straight, killed
@@ -131,16 +131,17 @@ def test_disk_full_ends_with_a_clear_line_and_the_previous_checkpoint_loads(mnis
 
 def test_checkpoint_of_another_model_names_the_tensor(mnist_root, tmp_path):
     first = tmp_path / "narrow"
-    assert run_script(*QUICK, "--epochs", "1", "--width", "8", "--output-dir", str(first),
-                      mnist=mnist_root).returncode == 0
+    assert run_main(*QUICK, "--epochs", "1", "--width", "8", "--output-dir", str(first),
+                    mnist=mnist_root).returncode == 0  # in-process; the refused resume: a process
     ckpt = next((first / "checkpoints").glob("last_*.pt"))
     proc = run_script(*QUICK, "--resume", str(ckpt), "--output-dir", str(tmp_path / "wide"), mnist=mnist_root)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "net.0.weight" in proc.stderr and "(8, 1, 5, 5)" in proc.stderr and "(16, 1, 5, 5)" in proc.stderr
 
 
-@pytest.mark.parametrize("kind", ["code", "not-ours", "text"])
-def test_hostile_or_foreign_resume_file_is_refused(mnist_root, tmp_path, kind):
+@pytest.mark.parametrize("kind, run", [("code", run_script), ("not-ours", run_main), ("text", run_main)],
+                         ids=["code", "not-ours", "text"])  # the pickle that runs a command: in a real process
+def test_hostile_or_foreign_resume_file_is_refused(mnist_root, tmp_path, kind, run):
     bad = tmp_path / "bad.pt"
     marker = tmp_path / "pwned"
     if kind == "code":
@@ -150,7 +151,7 @@ def test_hostile_or_foreign_resume_file_is_refused(mnist_root, tmp_path, kind):
         torch.save({"state_dict": {"w": torch.zeros(2)}}, bad)
     else:
         bad.write_text("hello")
-    proc = run_script("--resume", str(bad), "--output-dir", str(tmp_path / "r"), mnist=mnist_root)
+    proc = run("--resume", str(bad), "--output-dir", str(tmp_path / "r"), mnist=mnist_root)
     assert proc.returncode == 2 and str(bad) in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not marker.exists()
 
@@ -195,20 +196,23 @@ def fake_mnist(root: Path, images: torch.Tensor, labels: torch.Tensor, partial: 
 
 
 @pytest.mark.parametrize(
-    "images, labels, partial, needle",
-    [
-        (torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.uint8), False, "empty"),
-        (torch.zeros(20, 32, 32, dtype=torch.uint8), torch.zeros(20, dtype=torch.uint8), False, "28x28"),
-        (torch.zeros(20, 28, 28, dtype=torch.uint8), torch.zeros(20, dtype=torch.float32), False, "float32 values"),
-        (torch.zeros(20, 28, 28, dtype=torch.uint8), torch.full((20,), 12, dtype=torch.uint8), False, "[0, 9]"),
-        (torch.zeros(20, 28, 28, dtype=torch.uint8), torch.zeros(20, dtype=torch.uint8), True, "MNIST not found"),
+    "images, labels, partial, needle, run",
+    [  # the first a real process, the others in-process through the same cli.main
+        (torch.zeros(0, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.uint8), False, "empty", run_script),
+        (torch.zeros(20, 32, 32, dtype=torch.uint8), torch.zeros(20, dtype=torch.uint8), False, "28x28", run_main),
+        (torch.zeros(20, 28, 28, dtype=torch.uint8), torch.zeros(20, dtype=torch.float32), False, "float32 values",
+         run_main),
+        (torch.zeros(20, 28, 28, dtype=torch.uint8), torch.full((20,), 12, dtype=torch.uint8), False, "[0, 9]",
+         run_main),
+        (torch.zeros(20, 28, 28, dtype=torch.uint8), torch.zeros(20, dtype=torch.uint8), True, "MNIST not found",
+         run_main),
     ],
     ids=["empty", "shape", "float-labels", "label-range", "partial-dir"],
 )
-def test_bad_data_is_one_line_before_any_training(tmp_path, images, labels, partial, needle):
+def test_bad_data_is_one_line_before_any_training(tmp_path, images, labels, partial, needle, run):
     root = fake_mnist(tmp_path / "data", images, labels, partial)
     out = tmp_path / "run"
-    proc = run_script("--data-dir", str(root), "--no-download", "--output-dir", str(out), mnist=None)
+    proc = run("--data-dir", str(root), "--no-download", "--output-dir", str(out), mnist=None)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (out / "checkpoints").exists()

@@ -1,6 +1,7 @@
-"""A user's own data through `fit` and `cli.main` (tests/user_program.py, real subprocesses, real SIGKILL):
-augmentation drawn afresh and resumed exactly with 0 and 2 workers, batch transforms on the fast path,
-streams with and without a position, dict batches and dict outputs, a data set far larger than memory."""
+"""A user's own data through `fit` and `cli.main` (tests/user_program.py: real subprocesses, real
+SIGKILL; the uninterrupted references in-process): augmentation drawn afresh and resumed exactly with 0
+and 2 workers, batch transforms on the fast path, streams with and without a position, dict batches
+and dict outputs, a data set far larger than memory."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import user_program
+from tests.conftest import in_process
 from tests.test_train_mnist import figures
 
 PROGRAM = Path(__file__).resolve().parent / "user_program.py"
@@ -25,6 +28,11 @@ def program(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(PROGRAM), *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
+
+
+def in_this_process(*args: str) -> subprocess.CompletedProcess:
+    """The same program through its ``main(argv)`` in this process (a reference run, a second refusal)."""
+    return in_process(user_program.main, list(args))
 
 
 def newest_state(run: Path) -> dict:
@@ -61,7 +69,7 @@ KILLED = [("augment", 0, 13), ("augment", 2, 13), ("fast", 0, 13), ("stream", 0,
 def test_sigkill_mid_epoch_2_then_resume_equals_an_uninterrupted_run(tmp_path, kind, workers, kill_at):
     args = ["--kind", kind, "--num-workers", str(workers), "--save-every-iters", "2", "--seed", "4"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = program(*args, "--output-dir", str(straight), "--record", str(tmp_path / "straight.txt"))
+    done = in_this_process(*args, "--output-dir", str(straight), "--record", str(tmp_path / "straight.txt"))
     assert done.returncode == 0, done.stderr
     first = program(*args, "--output-dir", str(killed), "--kill-at", str(kill_at), "--record", str(tmp_path / "k.txt"))
     assert first.returncode == -signal.SIGKILL, first.stderr
@@ -87,9 +95,9 @@ def test_sigkill_mid_epoch_2_then_resume_equals_an_uninterrupted_run(tmp_path, k
 @pytest.mark.parametrize("kind", ["augment", "fast"])
 def test_the_same_run_with_0_and_2_workers_trains_on_identical_batches(tmp_path, kind):
     logs = []
-    for workers in (0, 2):
+    for workers, run in ((0, in_this_process), (2, program)):
         log = tmp_path / f"w{workers}.txt"
-        done = program("--kind", kind, "--num-workers", str(workers), "--epochs", "2", "--output-dir",
+        done = run("--kind", kind, "--num-workers", str(workers), "--epochs", "2", "--output-dir",
                        str(tmp_path / f"w{workers}"), "--record", str(log))
         assert done.returncode == 0, done.stderr
         logs.append(log.read_text())
@@ -98,7 +106,7 @@ def test_the_same_run_with_0_and_2_workers_trains_on_identical_batches(tmp_path,
 
 
 def test_a_dict_batch_and_a_dict_output_train_to_the_end_and_without_model_transform_one_line(tmp_path):
-    done = program("--kind", "dict", "--epochs", "2", "--output-dir", str(tmp_path / "ok"))
+    done = in_this_process("--kind", "dict", "--epochs", "2", "--output-dir", str(tmp_path / "ok"))
     assert done.returncode == 0, done.stderr
     assert [row["epoch"] for row in history(tmp_path / "ok")] == [1, 2]
     bad = program("--kind", "dict", "--no-model-transform", "--output-dir", str(tmp_path / "bad"))
@@ -114,7 +122,7 @@ def test_a_lazy_set_of_two_million_samples_reaches_its_first_batch_and_refuses_m
     assert done.returncode == 0, done.stderr
     seconds, rss = map(float, re.search(r"first batch after ([\d.]+) s, peak RSS ([\d.]+) GB", done.stdout).groups())
     assert seconds < 10 and rss < 2, done.stdout
-    refused = program("--kind", "lazy", "--data-path", "memory", "--output-dir", str(tmp_path / "mem"))
+    refused = in_this_process("--kind", "lazy", "--data-path", "memory", "--output-dir", str(tmp_path / "mem"))
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and re.match(r"error: the training set would take about [\d.]+ GB in memory \(2000000 "

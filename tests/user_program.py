@@ -179,10 +179,16 @@ def train(s: Settings):
     return fit(Net(s.kind == "dict"), train_set, val_set, s, name=s.kind, handlers=extra, **options)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """The program's command line (tests run it as a real process, and in-process where the process is
+    not the point: never with --kill-at, which kills the process it runs in)."""
     parser = cli.run_parser("A user's program.", Settings())
     parser.add_argument("--kind", choices=KINDS, default="augment")
     parser.add_argument("--kill-at", type=cli.positive_int)
     parser.add_argument("--record")
     parser.add_argument("--no-model-transform", dest="model_transform", action="store_false", default=None)
-    sys.exit(cli.main(train, parser, Settings))
+    return cli.main(train, parser, Settings, argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -86,7 +86,20 @@ LONGEST = ("test_seed_preset_half_an_epoch_reaches_97_5_percent", "test_every_on
            "test_torchrun_restarts_a_killed_worker")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def shared_run(item) -> str | None:
+    """The module fixture of reference runs that ``item`` reads, if any (its xdist group)."""
+    return next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
+
+
+def pytest_itemcollected(item) -> None:
+    """The tests reading one module's reference runs go to one worker (``--dist loadgroup``), which
+    computes them once: marked as each is collected, before any ``pytest_collection_modifyitems``
+    (xdist's reads the marks in its own, and runs before a conftest's even with ``tryfirst``)."""
+    shared = shared_run(item)
+    if shared is not None:
+        item.add_marker(pytest.mark.xdist_group(shared))
+
+
 def pytest_collection_modifyitems(items: list) -> None:
     """The longest first, then the other real runs (``slow``), unit tests last: with ``-n`` the short
     ones fill in at the end instead of a long one starting when the other worker is already idle."""
@@ -95,12 +108,7 @@ def pytest_collection_modifyitems(items: list) -> None:
         return longest, item.get_closest_marker("slow") is None, index
 
     keys = {item: key(index, item) for index, item in enumerate(items)}
-    group_of = {}
-    for item in items:
-        shared = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
-        if shared is not None:
-            item.add_marker(pytest.mark.xdist_group(shared))
-            group_of[item] = shared
+    group_of = {item: shared_run(item) for item in items if shared_run(item) is not None}
     # a group's tests sort together (at its first member's place), so that its module fixture is set
     # up once, not again after each test of another module in between
     first: dict[str, tuple] = {}
@@ -173,3 +181,4 @@ def run_script(*args: str, mnist: Path | None, timeout: float = 600, env: dict |
     if mnist is not None:
         cmd += ["--data-dir", str(mnist)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import run_script
+from tests.conftest import run_main, run_script
 from tests.test_train_mnist import kill_when
 
 pytestmark = pytest.mark.slow
 EPOCH_TAGS = ["loss/train", "loss/val", "accuracy/train", "accuracy/val", "time/epoch_seconds",
               "time/samples_per_second"]
 STEP_TAGS = ["loss/train_step", "lr", "grad_norm"]
-ARGS = ["--epochs", "2", "--limit-train-batches", "100", "--log-every", "20", "--no-progress"]
+ARGS = ["--epochs", "2", "--limit-train-batches", "100", "--batch-size", "32", "--limit-val-batches", "1",
+        "--log-every", "20", "--no-progress"]  # what is written is the point, not the figures
 
 
 def accumulate(path: Path) -> EventAccumulator:
@@ -34,7 +35,7 @@ def accumulate(path: Path) -> EventAccumulator:
 @pytest.fixture(scope="module")
 def run_dir(mnist_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tb") / "run"
-    proc = run_script(*ARGS, "--output-dir", str(out), mnist=mnist_root)
+    proc = run_main(*ARGS, "--output-dir", str(out), mnist=mnist_root)  # in-process: the files are the point
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -60,8 +61,8 @@ def test_images_after_the_last_validation(run_dir):
 
 def test_images_every_epoch_on_request(mnist_root, tmp_path):
     out = tmp_path / "run"
-    proc = run_script(*ARGS, "--tb-images-every", "1", "--limit-train-batches", "10", "--output-dir", str(out),
-                      mnist=mnist_root)
+    proc = run_main(*ARGS, "--tb-images-every", "1", "--limit-train-batches", "10", "--output-dir", str(out),
+                    mnist=mnist_root)
     assert proc.returncode == 0, proc.stderr
     assert [e.step for e in accumulate(out / "tb").Images("val/confusion_matrix")] == [1, 2]
 
@@ -73,7 +74,7 @@ def test_hparams_hold_the_config_and_the_results(run_dir):
     content = acc.PluginTagToContent("hparams")
     sessions = [plugin_data_pb2.HParamsPluginData.FromString(v) for v in content.values()]
     start = next(s.session_start_info for s in sessions if s.HasField("session_start_info"))
-    assert start.hparams["batch_size"].number_value == 128 and start.hparams["model"].string_value == "fast"
+    assert start.hparams["batch_size"].number_value == 32 and start.hparams["model"].string_value == "fast"
     best = acc.Scalars("hparam/best_val_accuracy")[0].value
     history = json.loads((run_dir / "history.json").read_text())
     assert best == pytest.approx(max(r["val_accuracy"] for r in history))
@@ -122,8 +123,8 @@ def test_tensorboard_server_serves_the_curves_of_history(run_dir):
 
 def test_killed_and_resumed_run_has_no_step_twice(mnist_root, tmp_path):
     out = tmp_path / "run"
-    args = ["--epochs", "3", "--limit-train-batches", "60", "--limit-val-batches", "1", "--log-every", "10",
-            "--no-progress", "--output-dir", str(out)]
+    args = ["--epochs", "3", "--limit-train-batches", "60", "--batch-size", "32", "--limit-val-batches", "1",
+            "--log-every", "10", "--no-progress", "--output-dir", str(out)]
     code, output = kill_when(args, mnist_root, "Epoch 2, Batch 40")
     assert code == -signal.SIGKILL, output
     resumed = run_script(*args, "--resume", "auto", mnist=mnist_root)
@@ -137,7 +138,8 @@ def test_killed_and_resumed_run_has_no_step_twice(mnist_root, tmp_path):
 
 
 def test_piped_output_has_no_progress_noise_and_all_seed_lines(mnist_root, tmp_path):
-    proc = run_script("--epochs", "1", "--limit-train-batches", "100", "--output-dir", str(tmp_path / "r"),
+    proc = run_script("--epochs", "1", "--limit-train-batches", "100", "--batch-size", "32", "--limit-val-batches",
+                      "1", "--output-dir", str(tmp_path / "r"),
                       mnist=mnist_root)  # no --no-progress: the pipe alone switches the bars off
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stdout + proc.stderr and "it/s" not in proc.stderr

@@ -16,7 +16,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import SCRIPT, run_script
+from tests.conftest import SCRIPT, run_main, run_script
 
 pytestmark = pytest.mark.slow
 ARGS = ["--limit-train-batches", "40", "--log-every", "20", "--no-progress", "--seed", "2", "--patience", "0"]
@@ -63,7 +63,7 @@ def test_two_processes_under_torchrun_write_once_and_count_every_test_sample(mni
     # not identical. Tolerance: 1 point of accuracy after 100 steps (seen here: 0.22 points; at 40
     # steps, still on the steep part of the curve, the gap was 1.17 points).
     single = tmp_path / "single"
-    one = run_script(*args, "--epochs", "1", "--output-dir", str(single), mnist=mnist_root)
+    one = run_main(*args, "--epochs", "1", "--output-dir", str(single), mnist=mnist_root)  # in-process
     assert one.returncode == 0, one.stderr
     assert abs(history(single)[0]["val_accuracy"] - rows[0]["val_accuracy"]) < 0.01
 
@@ -237,8 +237,8 @@ def test_spawned_run_with_a_killed_worker_stops_with_one_line_and_resumes_exactl
 def test_a_two_process_checkpoint_is_refused_by_one_process_in_one_line(uninterrupted, mnist_root, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(uninterrupted["memory"], out)
-    proc = run_script(*RECIPES["memory"], *FT, "--epochs", "4", "--output-dir", str(out), "--resume", "auto",
-                      mnist=mnist_root)
+    proc = run_main(*RECIPES["memory"], *FT, "--epochs", "4", "--output-dir", str(out), "--resume", "auto",
+                    mnist=mnist_root)  # in-process: the refusal before any training
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "written by a run of 2 process(es), this run has 1: resume it with 2" in proc.stderr
     assert len(history(out)) == 3  # nothing changed

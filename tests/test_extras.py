@@ -15,7 +15,8 @@ from torch import nn
 
 from engine import RunSettings
 from handlers import fit, load_checkpoint, seed_everything
-from tests.conftest import run_script
+from tests import user_program
+from tests.conftest import in_process, run_main, run_script
 from tests.test_train_mnist import figures, final_weights, history
 from tests.test_user_data import PROGRAM, assert_same_tensors, newest_state
 
@@ -99,8 +100,8 @@ def test_ema_killed_mid_epoch_and_resumed_is_bit_exact(tmp_path):
         return subprocess.run([sys.executable, str(PROGRAM), *args, *extra], capture_output=True, text=True,
                               timeout=300, env=env)
 
-    assert go("--output-dir", str(tmp_path / "straight")).returncode == 0
-    assert go("--output-dir", str(tmp_path / "killed"), "--kill-at", "13").returncode == -9
+    assert in_process(user_program.main, [*args, "--output-dir", str(tmp_path / "straight")]).returncode == 0
+    assert go("--output-dir", str(tmp_path / "killed"), "--kill-at", "13").returncode == -9  # and its resume: processes
     resumed = go("--output-dir", str(tmp_path / "killed"), "--resume", "auto")
     assert resumed.returncode == 0 and "iteration 12)" in resumed.stdout, resumed.stderr
     a, b = newest_state(tmp_path / "straight"), newest_state(tmp_path / "killed")
@@ -152,7 +153,7 @@ def test_a_run_replayed_from_its_config_json_ends_bit_for_bit_equal(mnist_root, 
     first = tmp_path / "first"
     args = ["--limit-train-batches", "20", "--limit-val-batches", "1", "--epochs", "2", "--no-progress", "--seed", "7",
             "--lr", "0.004"]
-    assert run_script(*args, "--output-dir", str(first), mnist=mnist_root).returncode == 0
+    assert run_main(*args, "--output-dir", str(first), mnist=mnist_root).returncode == 0  # the replay: a process
     again = tmp_path / "again"
     proc = run_script("--config", str(first / "config.json"), "--output-dir", str(again), "--no-progress", mnist=None)
     assert proc.returncode == 0, proc.stderr
@@ -173,8 +174,8 @@ def test_a_config_with_an_unknown_key_is_one_line_and_a_toml_config_with_flags_o
         f"its name: --warmup-epochs is warmup_epochs)"]
     toml = tmp_path / "run.toml"
     toml.write_text('epochs = 1\nlimit_train_batches = 10\nlr = 0.003\nlog_every = 0\n')
-    proc = run_script("--config", str(toml), "--lr", "0.002", "--output-dir", str(tmp_path / "t"), "--no-progress",
-                      mnist=mnist_root)
+    proc = run_main("--config", str(toml), "--lr", "0.002", "--output-dir", str(tmp_path / "t"), "--no-progress",
+                    mnist=mnist_root)  # in-process, after the refusal in a real process
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert (config["epochs"], config["limit_train_batches"], config["lr"]) == (1, 10, 0.002)

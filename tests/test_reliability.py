@@ -166,14 +166,14 @@ def test_second_run_on_a_busy_output_dir_is_refused_and_a_killed_run_leaves_no_s
         for line in first.stdout:
             if "Epoch 1, Batch 10" in line:
                 break
-        second = run_script(*QUICK, "--output-dir", str(out), "--resume", "auto", "--preset", "seed",
-                            mnist=mnist_root)
+        second = run_main(*QUICK, "--output-dir", str(out), "--resume", "auto", "--preset", "seed",
+                          mnist=mnist_root)  # in-process: the lock is held by the other process
         assert second.returncode == 2 and "in use by another run" in second.stderr, second.stderr
     finally:
         first.kill()
         first.wait()
-    third = run_script(*QUICK, "--epochs", "1", "--output-dir", str(out), "--resume", "auto", "--preset", "seed",
-                       mnist=mnist_root)
+    third = run_main(*QUICK, "--epochs", "1", "--output-dir", str(out), "--resume", "auto", "--preset", "seed",
+                     mnist=mnist_root)
     assert third.returncode == 0, third.stderr
 
 

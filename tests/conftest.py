@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from unittest import mock
 
 import pytest
 
@@ -94,7 +95,7 @@ def shared_run(item) -> str | None:
 def pytest_itemcollected(item) -> None:
     """The tests reading one module's reference runs go to one worker (``--dist loadgroup``), which
     computes them once: marked as each is collected, before any ``pytest_collection_modifyitems``
-    (xdist's reads the marks in its own, and runs before a conftest's even with ``tryfirst``)."""
+    (xdist's reads the marks in its own)."""
     shared = shared_run(item)
     if shared is not None:
         item.add_marker(pytest.mark.xdist_group(shared))
@@ -108,7 +109,7 @@ def pytest_collection_modifyitems(items: list) -> None:
         return longest, item.get_closest_marker("slow") is None, index
 
     keys = {item: key(index, item) for index, item in enumerate(items)}
-    group_of = {item: shared_run(item) for item in items if shared_run(item) is not None}
+    group_of = {item: group for item in items if (group := shared_run(item)) is not None}
     # a group's tests sort together (at its first member's place), so that its module fixture is set
     # up once, not again after each test of another module in between
     first: dict[str, tuple] = {}
@@ -136,21 +137,15 @@ def in_process(main: Callable[[list[str]], int], argv: list[str],
     back afterwards."""
     import torch  # here, not at the top: a worker's OMP_NUM_THREADS is set before torch starts
 
-    out, err = io.StringIO(), io.StringIO()
-    changed = {"MNIST_ROOT": None, **(env or {})}
-    saved, threads = {name: os.environ.get(name) for name in changed}, torch.get_num_threads()
-    for name, value in changed.items():
-        os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(argv))
-            except SystemExit as stop:  # the parser's own exit (--help)
-                code = stop.code if isinstance(stop.code, int) else 1
-    finally:
-        torch.set_num_threads(threads)
-        for name, value in saved.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        os.environ.pop("MNIST_ROOT", None)  # the whole environment is put back on leaving
+        try:
+            code = main(list(argv))
+        except SystemExit as stop:  # the parser's own exit (--help)
+            code = stop.code if isinstance(stop.code, int) else 1
+        finally:
+            torch.set_num_threads(threads)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 

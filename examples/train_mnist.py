@@ -45,7 +45,8 @@ class SeedNet(nn.Module):
 
 def conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:
     """Conv (no bias: the batch norm has one), batch norm, ReLU in place (5-7% off a CPU step, bit-identical)."""
-    return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False)
+    return [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 class FastNet(nn.Module):

@@ -176,4 +176,3 @@ def run_script(*args: str, mnist: Path | None, timeout: float = 600, env: dict |
     if mnist is not None:
         cmd += ["--data-dir", str(mnist)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
-

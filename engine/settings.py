@@ -27,6 +27,7 @@ class RunSettings:
         run folder: ``output_dir`` (default ``runs/<name>-<timestamp>``), ``resume`` (``None``,
             ``"auto"``: the newest valid ``last_*.pt`` there, or a path).
         recipe: ``epochs``, ``batch_size`` (global), ``val_batch_size``, ``optimizer``, ``lr``,
+            ``beta1``, ``beta2`` (Adam's and AdamW's moment decays; SGD's momentum is 0.9),
             ``weight_decay``, ``label_smoothing``, ``scheduler``, ``warmup_epochs``.
         data: ``data_dir``, ``download``, ``data_path`` (``"auto"``: tensors on the device, any other
             ``Dataset`` through a ``DataLoader``; ``"memory"``: read into tensors on the device;
@@ -59,6 +60,8 @@ class RunSettings:
     val_batch_size: int = 1000
     optimizer: str = "adam"
     lr: float | str = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     scheduler: str = "none"
@@ -122,6 +125,11 @@ class RunSettings:
                               f"got {self.ema!r}")
         if self.clip_grad_norm is not None:
             _positive_float(self, "clip_grad_norm")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ConfigError(f"{param(name)} is a moment decay of Adam, a number in [0, 1) (e.g. 0.9), "
+                                  f"got {value!r}")
         for name in ("weight_decay", "label_smoothing", "min_delta", "warmup_epochs"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

@@ -73,6 +73,7 @@ def _lr(text: str) -> float | str:
 
 _lr.__name__ = "float"
 non_negative_float = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+moment_decay = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.9")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings | None = None,
@@ -95,6 +96,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings | N
     g.add_argument("--batch-size", type=positive_int, help="global: shared among processes")
     g.add_argument("--val-batch-size", type=positive_int)
     g.add_argument("--lr", type=_lr, help="a positive number, or 'find': run the LR finder, train at its suggestion")
+    g.add_argument("--beta1", type=moment_decay, help="Adam's first moment decay (adam, adamw)")
+    g.add_argument("--beta2", type=moment_decay, help="Adam's second moment decay (adam, adamw)")
     g.add_argument("--weight-decay", type=non_negative_float)
     g.add_argument("--label-smoothing", type=non_negative_float)
     g.add_argument("--scheduler", choices=list(SCHEDULERS))

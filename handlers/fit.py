@@ -51,13 +51,14 @@ Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 
 
 def make_optimizer(settings: RunSettings, model: nn.Module) -> torch.optim.Optimizer:
-    """``settings.optimizer`` (adam, adamw, or sgd with Nesterov momentum 0.9) at ``settings.lr``."""
-    name, wd = settings.optimizer, settings.weight_decay
+    """``settings.optimizer`` (adam or adamw with ``settings.beta1``/``beta2``, or sgd with Nesterov
+    momentum 0.9) at ``settings.lr``."""
+    name, wd, betas = settings.optimizer, settings.weight_decay, (settings.beta1, settings.beta2)
     lr = 1e-3 if settings.lr == "find" else settings.lr  # the LR finder sets it
     if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
+        return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
 
 
@@ -332,7 +333,8 @@ def build_run(
                                     **({"train_transform": repr(train_transform)} if train_transform else {}),
                                     **({"lr_finder": {"suggestion": finder.suggestion, "range": list(finder.tried)}}
                                        if finder is not None else {}),
-                                    **(extra_config or {})})
+                                    **(extra_config or {})},
+                     train_loss_fn=None if _unsmoothed(loss_fn) is loss_fn else _unsmoothed(loss_fn))
 
     def explain(batch: Any, name: str) -> str | None:  # a batch that failed: the data's fault?
         try:
@@ -445,7 +447,8 @@ class _FinderOnly:
 
 
 def _unsmoothed(loss_fn: Callable) -> Callable:
-    """Validation reports the plain cross-entropy, as the seed did, whatever the training smoothing."""
+    """Validation (and ``train_loss``) report the plain cross-entropy, as the seed did, whatever the
+    training smoothing."""
     if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.label_smoothing:
         return nn.CrossEntropyLoss(weight=loss_fn.weight, ignore_index=loss_fn.ignore_index)
     return loss_fn

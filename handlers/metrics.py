@@ -44,16 +44,23 @@ class TrainMetrics:
 
     Ignite's ``Loss`` (fed the loss the step already computed, times the batch size) and ``Accuracy``
     (fed the step's detached logits) accumulate on the device during the epoch; nothing is synced
-    per batch. :meth:`running` gives the means so far, for per-batch lines.
+    per batch. :meth:`running` gives the means so far, for per-batch lines. With ``loss_fn`` the loss
+    is that function of the step's logits instead (``fit`` gives the plain cross-entropy when training
+    smooths its labels, so that ``train_loss`` and ``val_loss`` measure the same thing).
     """
 
-    def __init__(self, prefix: str = "train_", accuracy: bool = True) -> None:
+    def __init__(self, prefix: str = "train_", accuracy: bool = True, loss_fn: Callable | None = None) -> None:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (logits, targets) -> loss, got {type(loss_fn).__name__}")
         self.prefix = prefix
-        # what each metric reads of the step's output: the batch's mean loss; the logits (classification only)
+        # what each metric reads of the step's output: the batch's mean loss (or the logits, for loss_fn);
+        # the logits (classification only)
         inputs: dict[str, Callable[[dict], tuple]] = {"loss": lambda o: (o["loss"], o["y"])}
-        self.metrics: dict[str, Metric] = {"loss": Loss(_step_loss, output_transform=inputs["loss"])}
+        if loss_fn is not None:
+            inputs["loss"] = lambda o: (o["y_pred"].float(), o["y"])
+        self.metrics: dict[str, Metric] = {"loss": Loss(loss_fn or _step_loss, output_transform=inputs["loss"])}
         if accuracy:
             inputs["accuracy"] = lambda o: (o["y_pred"], o["y"])
             self.metrics["accuracy"] = Accuracy(output_transform=inputs["accuracy"])

@@ -141,6 +141,7 @@ class Run:
         self.tensorboard: TensorBoardLogging | None = None
         self.resumed_from: Path | None = None
         self.val_loader: Iterable | None = None  # set by attach_run
+        self.train_loss_fn: Callable | None = None  # set by attach_run
         self.explain: Callable[[Any, str], str | None] | None = None  # (batch, set name) -> what is wrong
         self.profile: Profile | None = None
         self.config: dict[str, Any] = {}
@@ -259,6 +260,7 @@ def attach_run(
     denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     name: str = "run",
     extra_config: Mapping[str, Any] | None = None,
+    train_loss_fn: Callable | None = None,
 ) -> Run:
     """Attach every default handler to ``trainer`` and ``evaluator``, then resume if asked; one call.
 
@@ -280,6 +282,8 @@ def attach_run(
         denormalize: maps normalised inputs back to [0, 1] for TensorBoard images.
         name: default folder name, ``runs/<name>-<timestamp>``.
         extra_config: more entries for ``config.json`` (the device, ...).
+        train_loss_fn: ``train_loss`` as this function of the step's logits and targets, not the
+            step's own loss (``fit``: the plain cross-entropy when the training loss smooths labels).
     """
     settings.check()
     quiet_ignite()  # before Ignite's handlers are built: they set up their loggers then
@@ -296,6 +300,7 @@ def attach_run(
         resume_state = (path, load_checkpoint(path, log=write_line))  # a bad file fails here, before any work
     run = Run(trainer, evaluator, train_loader, settings, out, classification)
     run.val_loader = val_loader
+    run.train_loss_fn = train_loss_fn
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         run.lock = RunLock(out).acquire()  # first: a run still starting there is never mistaken for a dead one
@@ -342,7 +347,7 @@ def _record_summary(run: Run, info: dict[str, Any]) -> None:
 
 def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable, handlers: Sequence[Any]) -> None:
     s, trainer, evaluator = run.settings, run.trainer, run.evaluator
-    run.train_metrics = TrainMetrics(accuracy=run.classification).attach(trainer)
+    run.train_metrics = TrainMetrics(accuracy=run.classification, loss_fn=run.train_loss_fn).attach(trainer)
     Validation(evaluator, val_loader, every=s.val_every, watched={"monitor": run.monitor}).attach(trainer)
     run.lr_schedule = LRSchedule(s.scheduler, to_save["optimizer"], epochs=s.epochs, epoch_length=_epoch_length(run),
                                  warmup_epochs=s.warmup_epochs, metric=run.monitor, mode=run.mode).attach(trainer)

@@ -46,7 +46,7 @@ def test_defaults_then_preset_then_flags():
     [(["--lr", "-1"], "--lr"), (["--batch-size", "0"], "--batch-size"), (["--patience", "-1"], "--patience"),
      (["--scheduler", "linear"], "--scheduler"), (["--lr", "nan"], "--lr"), (["--min-delta", "inf"], "--min-delta"),
      (["--amp", "fp8"], "--amp"), (["--nproc-per-node", "0"], "--nproc-per-node"), (["--mode", "up"], "--mode"),
-     (["--epochs", "0"], "--epochs")],
+     (["--epochs", "0"], "--epochs"), (["--beta1", "1"], "--beta1"), (["--beta2", "-0.1"], "--beta2")],
 )
 def test_invalid_flags_are_one_line_and_exit_2(capsys, flags, needle):
     with pytest.raises(SystemExit) as exit_info:
@@ -61,7 +61,8 @@ def test_invalid_flags_are_one_line_and_exit_2(capsys, flags, needle):
      ({"patience": -1}, "patience must be an integer >= 0"), ({"optimizer": "rmsprop"}, "optimizer must be one of"),
      ({"warmup_epochs": 3.0, "epochs": 3}, r"warmup_epochs \(3\) must be less than epochs \(3\)"),
      ({"mode": "up"}, "mode must be one of"), ({"save_every_iters": 0}, "save_every_iters"),
-     ({"monitor": ""}, "monitor must be the name of a metric")],
+     ({"monitor": ""}, "monitor must be the name of a metric"), ({"beta1": 1.0}, r"beta1 is a moment decay"),
+     ({"beta2": "0.9"}, r"beta2 is a moment decay")],
 )
 def test_settings_name_the_python_parameter(kwargs, match):
     with pytest.raises(ConfigError, match=match):

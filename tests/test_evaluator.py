@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ignite.engine import Events
 from torch import nn
 
-from engine import create_evaluator, create_trainer, default_metrics
-from handlers import SampleCount, TrainMetrics
+from engine import RunSettings, create_evaluator, create_trainer, default_metrics
+from handlers import SampleCount, TrainMetrics, make_optimizer
 
 
 def data(sizes, seed=0):
@@ -49,3 +50,30 @@ def test_train_metrics_are_per_sample_means_of_the_steps_losses():
         logits = model(x)
     assert metrics["train_loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
     assert metrics["train_accuracy"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_train_loss_is_the_plain_cross_entropy_when_the_step_smooths_labels(smoothing):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    batches = data([10, 10, 3])
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                             nn.CrossEntropyLoss(label_smoothing=smoothing), device="cpu")
+    TrainMetrics(loss_fn=nn.CrossEntropyLoss()).attach(trainer)
+    seen = []  # the step's own (smoothed) losses
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.output["loss"].item()))
+    metrics = trainer.run(batches, max_epochs=1).metrics
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        plain = nn.functional.cross_entropy(model(x), y).item()
+    assert metrics["train_loss"] == pytest.approx(plain, rel=1e-6)
+    stepped = sum(v * len(b[1]) for v, b in zip(seen, batches)) / len(y)
+    assert (abs(stepped - plain) > 1e-3) == bool(smoothing)  # what TrainMetrics() alone would have reported
+
+
+def test_make_optimizer_gives_adam_the_settings_betas():
+    model = nn.Linear(2, 2)
+    for name in ("adam", "adamw"):
+        opt = make_optimizer(RunSettings(optimizer=name, beta1=0.7, beta2=0.9), model)
+        assert opt.param_groups[0]["betas"] == (0.7, 0.9)
+    assert make_optimizer(RunSettings(), model).param_groups[0]["betas"] == (0.9, 0.999)  # torch's defaults

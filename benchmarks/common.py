@@ -59,12 +59,12 @@ def seed_cnn() -> nn.Module:
 
 def mnist_cnn(width: int = 16) -> nn.Module:
     """The default preset's network (``FastNet`` of examples/train_mnist.py), as the model under test."""
-    w = width
+    w, w2 = width, width * 3 // 2
     return nn.Sequential(
-        nn.Conv2d(1, w, 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-        nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
-        nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),
-        nn.Conv2d(4 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),
+        nn.Conv2d(1, w, 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+        nn.Conv2d(w, w2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w2), nn.ReLU(inplace=True),
+        nn.Conv2d(w2, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(inplace=True),
+        nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(inplace=True),
         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4 * w, 10),
     )  # fmt: skip
 

@@ -43,7 +43,8 @@ from engine import RunSettings
 from handlers import build_run, make_loaders, seed_everything
 
 RECIPES = {  # the presets of examples/train_mnist.py; full precision on both sides, whatever the CPU
-    "default": dict(batch_size=128, val_batch_size=2000, lr=1e-2, scheduler="onecycle", channels_last=True),
+    "default": dict(batch_size=128, val_batch_size=2000, lr=1e-2, beta1=0.7, beta2=0.9, label_smoothing=0.1,
+                    scheduler="onecycle", channels_last=True),
     "seed": dict(batch_size=64, val_batch_size=1000, lr=1e-3, scheduler="none", channels_last=False,
                  data_path="torchvision"),
 }  # fmt: skip
@@ -89,8 +90,9 @@ def raw_loop(recipe: str, data: list, epochs: int, limit: int | None, segment: i
         model = MODELS[recipe]()
         fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
         model = model.to(memory_format=fmt)
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-        criterion = nn.CrossEntropyLoss()
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(settings.beta1, settings.beta2))
+        criterion = nn.CrossEntropyLoss()  # what both report: the plain cross-entropy
+        train_criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
         onecycle, seed_loop = settings.scheduler == "onecycle", recipe == "seed"
         total, lr = settings.epochs * len(train_loader), settings.lr
         lrs = [v for _, v in PiecewiseLinear.simulate_values(
@@ -107,11 +109,14 @@ def raw_loop(recipe: str, data: list, epochs: int, limit: int | None, segment: i
             x = x.contiguous(memory_format=fmt)
             optimizer.zero_grad(set_to_none=True)
             out = model(x)
-            loss = criterion(out, y)
+            loss = train_criterion(out, y)
             loss.backward()
             optimizer.step()
             if seed_loop:  # the seed's loop: a Python float every batch
                 loss_sum += loss.item() * y.shape[0]
+            elif settings.label_smoothing:  # the engine reports the plain cross-entropy of the logits
+                with torch.no_grad():
+                    loss_sum += criterion(out.detach(), y) * y.shape[0]
             else:
                 loss_sum += loss.detach() * y.shape[0]
             correct += (out.detach().argmax(1) == y).sum()

@@ -51,13 +51,15 @@ def conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Modu
 
 class FastNet(nn.Module):
     """A small CNN that is fast on a CPU: conv-BN-ReLU blocks, strided early (no full-resolution
-    pooling) down to 7x7, two 3x3 blocks there, a global max pool and a linear head."""
+    pooling) down to 7x7, two 3x3 blocks there, a global max pool and a linear head. Channels
+    16-24-32-64 at ``width=16``: a third cheaper a step than 16-32-64-64, as accurate with the
+    recipe's label smoothing and Adam betas (docs/PERFORMANCE.md)."""
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
         w = width
-        self.net = nn.Sequential(*conv_bn(1, w, 5, 2), *conv_bn(w, 2 * w, 3, 2), *conv_bn(2 * w, 4 * w, 3),
-                                 *conv_bn(4 * w, 4 * w, 3), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        self.net = nn.Sequential(*conv_bn(1, w, 5, 2), *conv_bn(w, w * 3 // 2, 3, 2), *conv_bn(w * 3 // 2, 2 * w, 3),
+                                 *conv_bn(2 * w, 4 * w, 3), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
                                  nn.Linear(4 * w, 10))  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +79,9 @@ class MnistSettings(RunSettings):
     batch_size: int = 128
     val_batch_size: int = 2000
     lr: float = 1e-2
+    beta1: float = 0.7  # with beta2 and the smoothing: worst of 30 seeds 99.11% vs 98.98% without
+    beta2: float = 0.9
+    label_smoothing: float = 0.1
     scheduler: str = "onecycle"
     channels_last: bool = True
     amp: str | None = "auto"  # bf16 only where the hardware computes it natively
@@ -84,8 +89,9 @@ class MnistSettings(RunSettings):
 
 PRESETS = {
     "fast": {},  # the defaults above
-    "seed": dict(model="seed", width=None, epochs=5, batch_size=64, val_batch_size=1000, lr=1e-3, scheduler="none",
-                 data_path="loader", channels_last=False, amp="fp32"),
+    "seed": dict(model="seed", width=None, epochs=5, batch_size=64, val_batch_size=1000, lr=1e-3, beta1=0.9,
+                 beta2=0.999, label_smoothing=0.0, scheduler="none", data_path="loader", channels_last=False,
+                 amp="fp32"),
 }  # fmt: skip
 
 

@@ -144,7 +144,7 @@ def test_piped_output_has_no_progress_noise_and_all_seed_lines(mnist_root, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stdout + proc.stderr and "it/s" not in proc.stderr
     summary, *lines = proc.stdout.splitlines()
-    assert summary.startswith("Model: 61,306 parameters (61,306 trainable)")  # at the first batch
+    assert summary.startswith("Model: 30,122 parameters (30,122 trainable)")  # at the first batch
     assert lines[:2] == [line for line in lines if "Batch" in line]
     assert lines[0].startswith("Epoch 1, Batch 50, Train Loss: ") and lines[1].startswith("Epoch 1, Batch 100, ")
     assert lines[2].startswith("Epoch 1, Train Loss: ") and lines[3].startswith("Epoch 1, Val Loss: ")

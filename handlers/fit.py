@@ -313,8 +313,10 @@ def build_run(
     if ema is not None:  # before the checkpoints: a save at an iteration holds that iteration's average
         ema.attach(trainer, name="ema_momentum")
 
+    plain_loss = _unsmoothed(loss_fn)  # what train_loss and val_loss report
+
     def evaluator_of(net: nn.Module, extra: Mapping[str, Metric]) -> Engine:
-        val_metrics: dict[str, Metric] = {"loss": Loss(_unsmoothed(loss_fn))}
+        val_metrics: dict[str, Metric] = {"loss": Loss(plain_loss)}
         if classification:
             val_metrics["accuracy"] = Accuracy()
         val_metrics.update({**extra, "samples": SampleCount()})
@@ -334,7 +336,7 @@ def build_run(
                                     **({"lr_finder": {"suggestion": finder.suggestion, "range": list(finder.tried)}}
                                        if finder is not None else {}),
                                     **(extra_config or {})},
-                     train_loss_fn=None if _unsmoothed(loss_fn) is loss_fn else _unsmoothed(loss_fn))
+                     train_loss_fn=None if plain_loss is loss_fn else plain_loss)
 
     def explain(batch: Any, name: str) -> str | None:  # a batch that failed: the data's fault?
         try:

@@ -77,3 +77,20 @@ def test_make_optimizer_gives_adam_the_settings_betas():
         opt = make_optimizer(RunSettings(optimizer=name, beta1=0.7, beta2=0.9), model)
         assert opt.param_groups[0]["betas"] == (0.7, 0.9)
     assert make_optimizer(RunSettings(), model).param_groups[0]["betas"] == (0.9, 0.999)  # torch's defaults
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_fit_reports_the_plain_cross_entropy_whatever_the_smoothing(tmp_path, smoothing):
+    from handlers import build_run
+
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    settings = RunSettings(output_dir=str(tmp_path), epochs=1, batch_size=8, label_smoothing=smoothing,
+                           progress=False, tensorboard=False)
+    run = build_run(nn.Linear(6, 3), (x, y), (x, y), settings)
+    try:
+        result = run.run()
+    finally:
+        run.close()
+    assert result.exit_code == 0
+    train_fn = run.train_metrics.metrics["loss"]._loss_fn  # the step's own loss, or the plain cross-entropy
+    assert (isinstance(train_fn, nn.CrossEntropyLoss) and train_fn.label_smoothing == 0.0) == bool(smoothing)

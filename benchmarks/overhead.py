@@ -116,7 +116,7 @@ def raw_loop(recipe: str, data: list, epochs: int, limit: int | None, segment: i
                 loss_sum += loss.item() * y.shape[0]
             elif settings.label_smoothing:  # the engine reports the plain cross-entropy of the logits
                 with torch.no_grad():
-                    loss_sum += criterion(out.detach(), y) * y.shape[0]
+                    loss_sum += criterion(out, y) * y.shape[0]
             else:
                 loss_sum += loss.detach() * y.shape[0]
             correct += (out.detach().argmax(1) == y).sum()

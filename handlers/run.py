@@ -141,7 +141,6 @@ class Run:
         self.tensorboard: TensorBoardLogging | None = None
         self.resumed_from: Path | None = None
         self.val_loader: Iterable | None = None  # set by attach_run
-        self.train_loss_fn: Callable | None = None  # set by attach_run
         self.explain: Callable[[Any, str], str | None] | None = None  # (batch, set name) -> what is wrong
         self.profile: Profile | None = None
         self.config: dict[str, Any] = {}
@@ -300,14 +299,13 @@ def attach_run(
         resume_state = (path, load_checkpoint(path, log=write_line))  # a bad file fails here, before any work
     run = Run(trainer, evaluator, train_loader, settings, out, classification)
     run.val_loader = val_loader
-    run.train_loss_fn = train_loss_fn
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         run.lock = RunLock(out).acquire()  # first: a run still starting there is never mistaken for a dead one
         if settings.resume is None and failed_start(out):
             _clear_failed_start(out)
     try:
-        _attach_handlers(run, to_save, val_loader, handlers)
+        _attach_handlers(run, to_save, val_loader, handlers, train_loss_fn)
         _resume(run, resume_state)
         run.config = {**settings.to_dict(), **(extra_config or {}), "output_dir": str(out), "world_size": world,
                       "monitor": run.monitor, "mode": run.mode}
@@ -345,9 +343,10 @@ def _record_summary(run: Run, info: dict[str, Any]) -> None:
             run.tensorboard.writer.add_text("model", summary_line(info), run.trainer.state.iteration)
 
 
-def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable, handlers: Sequence[Any]) -> None:
+def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable, handlers: Sequence[Any],
+                     train_loss_fn: Callable | None = None) -> None:
     s, trainer, evaluator = run.settings, run.trainer, run.evaluator
-    run.train_metrics = TrainMetrics(accuracy=run.classification, loss_fn=run.train_loss_fn).attach(trainer)
+    run.train_metrics = TrainMetrics(accuracy=run.classification, loss_fn=train_loss_fn).attach(trainer)
     Validation(evaluator, val_loader, every=s.val_every, watched={"monitor": run.monitor}).attach(trainer)
     run.lr_schedule = LRSchedule(s.scheduler, to_save["optimizer"], epochs=s.epochs, epoch_length=_epoch_length(run),
                                  warmup_epochs=s.warmup_epochs, metric=run.monitor, mode=run.mode).attach(trainer)

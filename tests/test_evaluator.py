@@ -8,7 +8,7 @@ from ignite.engine import Events
 from torch import nn
 
 from engine import RunSettings, create_evaluator, create_trainer, default_metrics
-from handlers import SampleCount, TrainMetrics, make_optimizer
+from handlers import SampleCount, TrainMetrics, build_run, make_optimizer
 
 
 def data(sizes, seed=0):
@@ -81,8 +81,6 @@ def test_make_optimizer_gives_adam_the_settings_betas():
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_fit_reports_the_plain_cross_entropy_whatever_the_smoothing(tmp_path, smoothing):
-    from handlers import build_run
-
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
     settings = RunSettings(output_dir=str(tmp_path), epochs=1, batch_size=8, label_smoothing=smoothing,
                            progress=False, tensorboard=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from torch import nn
 
 from engine import RunSettings, create_evaluator, create_trainer, default_metrics
@@ -96,3 +96,83 @@ def test_fit_reports_the_plain_cross_entropy_whatever_the_smoothing(tmp_path, sm
         assert float(train_fn(logits, targets)) == pytest.approx(float(nn.functional.cross_entropy(logits, targets)))
     else:  # the step's loss passes through as it is
         assert train_fn(logits, targets) is logits
+
+
+def outputs(sizes, classes=3, seed=0, length=None):
+    """What a trainer step hands the metrics: the batch's mean loss, detached logits, targets."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k, n in enumerate(sizes):
+        shape = (n, classes) if length is None else (n, classes, length + k % 3)  # sequences of several lengths
+        logits, y = torch.randn(*shape, generator=g), torch.randint(0, classes, (shape[0], *shape[2:]), generator=g)
+        out.append({"loss": nn.functional.cross_entropy(logits, y), "y_pred": logits, "y": y})
+    return out
+
+
+def feed(batches, metrics, *, every=None, stop_at=None):
+    """Run ``metrics`` (TrainMetrics, attached) over the outputs as one epoch; optionally look at the
+    running means every ``every`` batches, or stop after ``stop_at`` and return the state then."""
+    trainer = Engine(lambda engine, batch: batch)
+    metrics.attach(trainer)
+    seen = {}
+    if every:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), lambda e: seen.update(metrics.running()))
+    if stop_at:
+        @trainer.on(Events.ITERATION_COMPLETED(once=stop_at))
+        def _stop(engine):
+            seen["state"] = metrics.state_dict()
+            engine.terminate()
+    trainer.run(batches, max_epochs=1)
+    return trainer.state.metrics, seen
+
+
+@pytest.mark.parametrize("loss_fn", [None, nn.CrossEntropyLoss()])
+@pytest.mark.parametrize("sizes", [[10] * 37 + [3], [7], [16] * 16, [2000] * 3])
+def test_grouped_updates_give_the_per_sample_means_of_all_batches(sizes, loss_fn):
+    batches = outputs(sizes)
+    metrics, _ = feed(batches, TrainMetrics(loss_fn=loss_fn))
+    logits, y = torch.cat([b["y_pred"] for b in batches]), torch.cat([b["y"] for b in batches])
+    assert metrics["train_loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+    assert metrics["train_accuracy"] == (logits.argmax(1) == y).sum().item() / len(y)
+
+
+def test_outputs_of_other_shapes_close_the_group_and_still_count():
+    batches = outputs([4] * 20, length=5)  # (4, 3, 5..7) logits: three shapes in turn
+    metrics, _ = feed(batches, TrainMetrics(loss_fn=nn.CrossEntropyLoss()))
+    correct = sum((b["y_pred"].argmax(1) == b["y"]).sum().item() for b in batches)
+    assert metrics["train_accuracy"] == correct / sum(b["y"].numel() for b in batches)
+    expected = sum(b["loss"].item() * len(b["y"]) for b in batches) / 80
+    assert metrics["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("loss_fn", [None, nn.CrossEntropyLoss()])
+def test_looking_at_the_running_means_changes_no_bit_of_the_result(loss_fn):
+    batches = outputs([10] * 41 + [5])
+    alone, _ = feed(batches, TrainMetrics(loss_fn=loss_fn))
+    looked, seen = feed(batches, TrainMetrics(loss_fn=loss_fn), every=7)
+    assert looked == alone
+    y = torch.cat([b["y"] for b in batches])  # the last look: after batch 42, with 10 of them held back
+    assert seen["train_accuracy"] == (torch.cat([b["y_pred"] for b in batches]).argmax(1) == y).sum().item() / len(y)
+
+
+@pytest.mark.parametrize("stop_at", [5, 16, 23])
+def test_a_resume_from_mid_group_sums_to_the_last_bit(stop_at):
+    batches = outputs([10] * 40)
+    straight, _ = feed(batches, TrainMetrics())
+    _, seen = feed(batches, TrainMetrics(), stop_at=stop_at)
+    state = seen["state"]
+    assert state["mid_epoch"] and len(state["held_back"][0]) == stop_at % 16  # one list per rank
+    resumed = TrainMetrics()
+    resumed.load_state_dict(state)
+    rest, _ = feed(batches[stop_at:], resumed)
+    assert rest == straight
+
+
+def test_held_back_targets_are_saved_in_their_own_storage():
+    targets = torch.randint(0, 3, (10_000,))  # the batches' targets are slices of it, as a user's loader may give
+    batches = [{"loss": torch.tensor(1.0), "y_pred": torch.randn(10, 3), "y": targets[10 * k:10 * k + 10]}
+               for k in range(3)]
+    _, seen = feed(batches, TrainMetrics(), stop_at=2)
+    held = seen["state"]["held_back"][0]
+    assert [h["y"].untyped_storage().nbytes() for h in held] == [10 * 8, 10 * 8]
+    assert all(torch.equal(h["y"], b["y"]) for h, b in zip(held, batches))

@@ -15,13 +15,16 @@ This machine's speed drifts by tens of percent over seconds, and two processes o
 differ by up to 25% here (seen: the same seed loop at 40 and at 55 ms a step in two processes), so
 whole runs timed one after the other compare badly. Instead both runs advance side by side in one
 process, in alternating segments of ``--segment`` iterations (the engine is paused with Ignite's
-``interrupt()``, the raw loop is a generator): A B A B ... Each pair of runs gives one ratio, the
-sum of the engine's segments (plus its end-of-run work) over the sum of the raw loop's; the result
-is the median over ``--pairs`` pairs.
+``interrupt()``, ~0.1 ms a pause, counted against it; the raw loop is a generator), the order
+swapped every round: A B B A A B ... Each pair of runs gives one ratio, the sum of the engine's
+segments (plus its end-of-run work) over the sum of the raw loop's; the result is the median over
+``--pairs`` pairs. ``--null`` runs the raw loop against itself instead: what the method resolves on
+the machine at hand (on the 2-core Zen 3, 8 A/A pairs: 0.966..1.037 in segments of 20 iterations,
+A B A B; 1.001..1.011 in segments of 5, the first of each round ~0.5% slower, hence the swaps).
 
-    python benchmarks/overhead.py [--recipe default|seed] [--pairs 7] [--epochs 1] [--segment 20]
+    python benchmarks/overhead.py [--recipe default|seed] [--pairs 7] [--epochs 1] [--segment 5] [--null]
 
-Last line: overhead_ratio=<engine/raw>
+Last line: overhead_ratio=<engine/raw> (with ``--null``: null_ratio=<raw/raw>)
 """
 
 from __future__ import annotations
@@ -138,22 +141,34 @@ def raw_loop(recipe: str, data: list, epochs: int, limit: int | None, segment: i
         _ = f"Epoch {epoch}, Val Loss: {val_loss / val_seen:.4f}, Val Accuracy: {val_correct / val_seen:.2%}"
 
 
-def pair(recipe: str, data: list, epochs: int, limit: int | None, out: str, segment: int) -> tuple[float, float]:
-    """Seconds of the engine and of the raw loop, advanced in alternating segments."""
-    engine = EngineRun(recipe, data, epochs, limit, out, segment)
-    raw = raw_loop(recipe, data, epochs, limit, segment)
-    t_engine = t_raw = 0.0
-    raw_done = False
-    while not (engine.done and raw_done):
-        if not engine.done:
-            start = time.perf_counter()
-            engine.step()
-            t_engine += time.perf_counter() - start
-        if not raw_done:
-            start = time.perf_counter()
-            raw_done = next(raw, StopIteration) is StopIteration
-            t_raw += time.perf_counter() - start
-    return t_engine, t_raw
+class RawRun:
+    """The hand-written loop, stepped like :class:`EngineRun` (for the A/A check: raw against raw)."""
+
+    def __init__(self, recipe: str, data: list, epochs: int, limit: int | None, segment: int) -> None:
+        self.loop = raw_loop(recipe, data, epochs, limit, segment)
+        self.done = False
+
+    def step(self) -> None:
+        self.done = next(self.loop, StopIteration) is StopIteration
+
+
+def pair(recipe: str, data: list, epochs: int, limit: int | None, out: str, segment: int,
+         null: bool = False) -> tuple[float, float]:
+    """Seconds of the engine (with ``null``, a second raw loop) and of the raw loop, advanced in
+    alternating segments, the order swapped every round (A B, B A, A B, ...): whichever runs first
+    after a switch is measured ~0.5% slower here, and this way neither side always is."""
+    first = RawRun(recipe, data, epochs, limit, segment) if null else EngineRun(recipe, data, epochs, limit, out,
+                                                                              segment)
+    sides = [(first, [0.0]), (RawRun(recipe, data, epochs, limit, segment), [0.0])]
+    round_ = 0
+    while not all(run.done for run, _ in sides):
+        for run, seconds in sides if round_ % 2 == 0 else sides[::-1]:
+            if not run.done:
+                start = time.perf_counter()
+                run.step()
+                seconds[0] += time.perf_counter() - start
+        round_ += 1
+    return sides[0][1][0], sides[1][1][0]
 
 
 def main() -> None:
@@ -162,19 +177,22 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=7)
     p.add_argument("--epochs", type=int, default=1, help="the default recipe runs one")
     p.add_argument("--limit", type=int, default=None, help="training batches per epoch (default: all)")
-    p.add_argument("--segment", type=int, default=20, help="iterations per alternating segment")
+    p.add_argument("--segment", type=int, default=5, help="iterations per alternating segment")
+    p.add_argument("--null", action="store_true", help="A/A check: the raw loop against itself (expect 1.00)")
     args = p.parse_args()
     data = mnist_tensors(mnist_root()) if args.recipe == "default" else mnist_datasets(mnist_root())
-    print(f"machine: {machine()}; recipe {args.recipe}, {args.epochs} epoch(s), limit {args.limit}")
+    print(f"machine: {machine()}; recipe {args.recipe}, {args.epochs} epoch(s), limit {args.limit}, segments of "
+          f"{args.segment}{'; A/A: raw against raw' if args.null else ''}")
     with tempfile.TemporaryDirectory() as tmp:
         pair(args.recipe, data, 1, min(args.limit or 100, 100), f"{tmp}/warmup", args.segment)  # warm-up
         ratios = []
         for i in range(args.pairs):
-            e, r = pair(args.recipe, data, args.epochs, args.limit, f"{tmp}/run{i}", args.segment)
+            e, r = pair(args.recipe, data, args.epochs, args.limit, f"{tmp}/run{i}", args.segment, args.null)
             ratios.append(e / r)
-            print(f"pair {i + 1}: engine {e:.3f} s  raw {r:.3f} s  ratio {e / r:.4f}", flush=True)
-    print(f"median engine/raw over {args.pairs} pairs; spread {min(ratios):.4f}..{max(ratios):.4f}")
-    print(f"overhead_ratio={statistics.median(ratios):.4f}")
+            print(f"pair {i + 1}: {'raw' if args.null else 'engine'} {e:.3f} s  raw {r:.3f} s  ratio {e / r:.4f}",
+                  flush=True)
+    print(f"median {'raw/raw' if args.null else 'engine/raw'} over {args.pairs} pairs; spread {min(ratios):.4f}..{max(ratios):.4f}")
+    print(f"{'null' if args.null else 'overhead'}_ratio={statistics.median(ratios):.4f}")
 
 
 if __name__ == "__main__":

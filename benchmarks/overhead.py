@@ -181,6 +181,7 @@ def main() -> None:
     p.add_argument("--null", action="store_true", help="A/A check: the raw loop against itself (expect 1.00)")
     args = p.parse_args()
     data = mnist_tensors(mnist_root()) if args.recipe == "default" else mnist_datasets(mnist_root())
+    side = "raw" if args.null else "engine"
     print(f"machine: {machine()}; recipe {args.recipe}, {args.epochs} epoch(s), limit {args.limit}, segments of "
           f"{args.segment}{'; A/A: raw against raw' if args.null else ''}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,9 +190,8 @@ def main() -> None:
         for i in range(args.pairs):
             e, r = pair(args.recipe, data, args.epochs, args.limit, f"{tmp}/run{i}", args.segment, args.null)
             ratios.append(e / r)
-            print(f"pair {i + 1}: {'raw' if args.null else 'engine'} {e:.3f} s  raw {r:.3f} s  ratio {e / r:.4f}",
-                  flush=True)
-    print(f"median {'raw/raw' if args.null else 'engine/raw'} over {args.pairs} pairs; spread {min(ratios):.4f}..{max(ratios):.4f}")
+            print(f"pair {i + 1}: {side} {e:.3f} s  raw {r:.3f} s  ratio {e / r:.4f}", flush=True)
+    print(f"median {side}/raw over {args.pairs} pairs; spread {min(ratios):.4f}..{max(ratios):.4f}")
     print(f"{'null' if args.null else 'overhead'}_ratio={statistics.median(ratios):.4f}")
 
 

@@ -11,6 +11,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy, Loss, Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
+from engine.device import to_device
 from engine.epoch import mid_epoch
 from handlers.ordering import Stage, attach_ordered
 
@@ -95,7 +96,8 @@ class TrainMetrics:
         item = (output["loss"], output["y_pred"], output["y"])
         if self._group:
             if self._restored:  # held back by the checkpoint's run, loaded on the CPU: onto this run's device
-                self._group = [_on(held, item[1]) for held in self._group]
+                if isinstance(item[1], torch.Tensor):
+                    self._group = to_device(self._group, item[1].device)
                 self._restored = False
             if not _joins(self._group[0], item):
                 self._flush()
@@ -172,11 +174,6 @@ def _saved(t: Any) -> Any:
     """A held-back tensor as a checkpoint stores it: on the CPU, in its own storage (not the whole
     tensor a slice of targets may view)."""
     return t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor) else t
-
-
-def _on(held: tuple[Any, Any, Any], like: Any) -> tuple[Any, Any, Any]:
-    device = like.device if isinstance(like, torch.Tensor) else None
-    return tuple(t.to(device) if device is not None and isinstance(t, torch.Tensor) else t for t in held)
 
 
 def _joins(first: tuple[Any, Any, Any], item: tuple[Any, Any, Any]) -> bool:

@@ -48,17 +48,18 @@ def kill_when(args: list[str], mnist: Path, marker: str, sig: int = signal.SIGKI
     return proc.wait(timeout=120), "".join(seen)
 
 
-def test_seed_preset_300_batches_reach_97_percent(mnist_root, tmp_path):
-    # 300 of the seed's 938 batches of 64 in its first epoch: the seed's network is the costliest thing
-    # the suite trains (a whole epoch: 190 s of one core here). Seen: 97.58% after 300, 97.76% after 450
+def test_seed_preset_150_batches_reach_96_percent(mnist_root, tmp_path):
+    # 150 of the seed's 938 batches of 64 in its first epoch, then the whole test set: the seed's network
+    # is the costliest thing the suite trains (~0.17 s a batch on one AVX2 core; the full validation ~15 s).
+    # Seen (AVX2, fp32 as the preset asks): 96.57% after 150, 96.75% after 200, 97.58% after 300
     out = tmp_path / "run"
-    proc = run_script("--preset", "seed", "--epochs", "1", "--limit-train-batches", "300", "--output-dir", str(out),
+    proc = run_script("--preset", "seed", "--epochs", "1", "--limit-train-batches", "150", "--output-dir", str(out),
                       "--no-progress", mnist=mnist_root)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     batch_lines = [line for line in lines if line.startswith("Epoch 1, Batch ")]
     assert [line.split(",")[1] for line in batch_lines[:3]] == [" Batch 50", " Batch 100", " Batch 150"]
-    assert len(batch_lines) == 300 // 50  # every 50 batches, inside the batch loop (the seed's bug)
+    assert len(batch_lines) == 150 // 50  # every 50 batches, inside the batch loop (the seed's bug)
     assert any(line.startswith("Epoch 1, Train Loss: ") and "Train Accuracy: " in line for line in lines)
     val = [line for line in lines if line.startswith("Epoch 1, Val Loss: ")]
     assert len(val) == 1
@@ -67,7 +68,7 @@ def test_seed_preset_300_batches_reach_97_percent(mnist_root, tmp_path):
     row = rows[0]
     assert {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_samples", "lr",
             "epoch_seconds"} <= set(row)
-    assert row["val_accuracy"] >= 0.97 and row["val_samples"] == 10000 and row["lr"] == 1e-3
+    assert row["val_accuracy"] >= 0.96 and row["val_samples"] == 10000 and row["lr"] == 1e-3
     assert f"Val Accuracy: {row['val_accuracy'] * 100:.2f}%" in val[0]
     config = json.loads((out / "config.json").read_text())
     assert (config["batch_size"], config["epochs"], config["model"], config["lr"]) == (64, 1, "seed", 1e-3)

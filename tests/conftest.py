@@ -169,11 +169,13 @@ def run_main(*args: str, mnist: Path | None) -> subprocess.CompletedProcess:
                                                  example.PRESETS, argv=a), argv)
 
 
-def run_script(*args: str, mnist: Path | None, timeout: float = 600, env: dict | None = None, cwd=None):
-    """Run examples/train_mnist.py as a real subprocess; returns the CompletedProcess."""
+def run_script(*args: str, mnist: Path | None, timeout: float = 600, env: dict | None = None, cwd=None,
+               python_args: tuple[str, ...] = ()):
+    """Run examples/train_mnist.py as a real subprocess (``python_args`` before the script's path,
+    e.g. ``("-c", program)`` to start it from a program); returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("MNIST_ROOT", None)
-    cmd = [sys.executable, str(SCRIPT), *args]
+    cmd = [sys.executable, *python_args, str(SCRIPT), *args]
     if mnist is not None:
         cmd += ["--data-dir", str(mnist)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)

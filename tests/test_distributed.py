@@ -83,10 +83,7 @@ def started(*args: str, mnist: Path, method: str | None) -> subprocess.Completed
             "tmp.start_processes = shown\n"
             "sys.argv = sys.argv[1:]\n"
             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("MNIST_ROOT", None)
-    return subprocess.run([sys.executable, "-c", code, str(SCRIPT), *args, "--data-dir", str(mnist)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    return run_script(*args, mnist=mnist, env={"OMP_NUM_THREADS": "1"}, python_args=("-c", code))
 
 
 def test_spawned_processes_resume_from_a_checkpoint(mnist_root, tmp_path):

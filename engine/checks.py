@@ -3,7 +3,7 @@ that fails, if one does): every mismatch is one line naming the set, what was fo
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -13,13 +13,60 @@ from engine.amp import autocast_context
 from engine.data import InMemoryLoader
 from engine.errors import ConfigError
 
-__all__ = ["check_batch", "check_first_batches", "check_targets", "diagnose", "peek_batch"]
+__all__ = ["check_batch", "check_first_batches", "check_targets", "diagnose", "input_mismatch", "peek_batch"]
 
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
 
 
 def _shape(t: Any) -> str:
+    if isinstance(t, (list, tuple)):
+        return f"a {type(t).__name__} of {len(t)}"
     return f"[{', '.join(map(str, t.shape))}]" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors in ``x``: itself, or those in a dict, list or tuple of them (nested)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, Mapping):
+        x = list(x.values())
+    return [t for item in x for t in _tensors(item)] if isinstance(x, (list, tuple)) else []
+
+
+def input_mismatch(model: nn.Module, x: Any, exc: BaseException, name: str) -> str | None:
+    """Why the model's forward raised ``exc`` on ``x``, when that is the inputs' type, in one line:
+    a list or tuple where it wants a tensor (samples returning Python lists), or a dtype other than its
+    parameters' (NumPy's float64, uint8 pixels). ``None`` when the inputs look right: then it is the
+    model's own error."""
+    first = _first_line(exc)
+    kind = type(x).__name__
+    if isinstance(x, (list, tuple)) and isinstance(exc, TypeError) and f"not {kind}" in first:
+        return (f"the {name} set's inputs reach the model as {_shape(x)}, which it cannot take ({first}): return a "
+                f"tensor from __getitem__ (torch.tensor(...), not a Python {kind}), or pass "
+                f"prepare_batch=fn(batch, device, non_blocking) -> (x, y)")
+    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(params) != 1 or not isinstance(exc, RuntimeError) or not any(
+            word in first for word in ("dtype", "type", "not implemented for")):  # fmt: skip
+        return None
+    (want,) = params
+    found = sorted({t.dtype for t in _tensors(x) if t.dtype != want}, key=str)
+    if not found:
+        return None
+    got = found[0]
+    fix = ".float()" if want == torch.float32 else f".to(torch.{_dtype(want)})"
+    hint = (" (pixels: x.float() / 255)" if not got.is_floating_point and not got.is_complex else
+            " (NumPy arrays are float64: torch.from_numpy(a).float())" if got == torch.float64 else "")
+    return (f"the {name} set's inputs are {_dtype(got)}, but the model's parameters are {_dtype(want)} ({first}): "
+            f"convert them with {fix}{hint}")
 
 
 def check_targets(y: torch.Tensor, classes: int, name: str, ignore_index: int = -100) -> None:
@@ -40,9 +87,18 @@ def check_targets(y: torch.Tensor, classes: int, name: str, ignore_index: int = 
 
 def diagnose(y_pred: Any, y: Any, *, classification: bool, loss_fn: Callable, name: str) -> str | None:
     """Why ``loss_fn(y_pred, y)`` cannot work (or would silently broadcast), in one line; ``None`` if it can."""
-    if not isinstance(y_pred, torch.Tensor) or not isinstance(y, torch.Tensor):
-        return None  # dicts and tuples: model_transform's and prepare_batch's business (said elsewhere)
+    if not isinstance(y_pred, torch.Tensor):
+        return None  # dicts and tuples: model_transform's business (said elsewhere)
     where = f"the {name} set"
+    if not isinstance(y, torch.Tensor):  # a dict for the user's own loss, or a list by mistake
+        try:
+            loss_fn(y_pred, y)
+        except Exception as exc:
+            fix = (": return each target as a number or a tensor from __getitem__, not a Python list"
+                   if isinstance(y, (list, tuple)) else "")
+            return (f"the loss cannot take the model's output {_shape(y_pred)} and {where}'s targets ({_shape(y)}): "
+                    f"{_first_line(exc)}{fix}")
+        return None
     if classification and isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         if y_pred.dim() < 2:
             return (f"the model's output for {where} is {_shape(y_pred)}, but a classifier's is [N, C] (C classes): "
@@ -65,8 +121,8 @@ def diagnose(y_pred: Any, y: Any, *, classification: bool, loss_fn: Callable, na
     try:
         loss_fn(y_pred, y)
     except Exception as exc:  # the loss cannot take them: say why, in its own words
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"the loss cannot take the model's output {_shape(y_pred)} and {where}'s targets {_shape(y)}: {first}"
+        return (f"the loss cannot take the model's output {_shape(y_pred)} and {where}'s targets {_shape(y)}: "
+                f"{_first_line(exc)}")
     return None
 
 
@@ -107,7 +163,13 @@ def check_batch(
     try:
         x, y = prepare_batch(batch, device, False)
         with autocast_context(device, amp):
-            y_pred = predict(model, x, model_transform)
+            try:
+                y_pred = predict(model, x, model_transform)
+            except (RuntimeError, TypeError) as exc:
+                message = input_mismatch(model, x, exc, name)
+                if message is None:
+                    raise
+                raise ConfigError(message) from exc
         message = diagnose(y_pred.float(), y, classification=classification, loss_fn=loss_fn, name=name)
         if message is not None:
             raise ConfigError(message)
@@ -122,7 +184,14 @@ def check_first_batches(model: nn.Module, loaders: dict[str, Any], **options: An
     """:func:`check_batch` on the first few samples of each set (``{"training": loader, ...}``) that
     can be read without moving it on, every label of those held as tensors; loaders keep their place."""
     for name, loader in loaders.items():
-        batch = peek_batch(loader)
+        try:
+            batch = peek_batch(loader)
+        except RuntimeError as exc:  # the default collate cannot stack samples of different shapes
+            if "equal size" not in str(exc) and "same size" not in str(exc):
+                raise
+            raise ConfigError(f"the {name} set's samples cannot be stacked into a batch ({_first_line(exc)}): make "
+                              f"them one shape in __getitem__ (crop, pad, resize), or pass collate_fn=fn(samples) "
+                              f"-> batch") from exc
         if batch is not None:
             targets = loader.y if isinstance(loader, InMemoryLoader) else None
             check_batch(model, batch, name, all_targets=targets, **options)

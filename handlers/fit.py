@@ -78,8 +78,9 @@ def _tensor_pair(data: Any, name: str = "training") -> tuple[torch.Tensor, torch
     checked on every path: equal lengths, not empty."""
     if isinstance(data, (tuple, list)):
         if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
+            numpy = any(type(t).__module__ == "numpy" for t in data)
             raise ConfigError(f"the {name} data must be a Dataset, an IterableDataset or a pair of tensors "
-                              f"(inputs, targets)")
+                              f"(inputs, targets)" + (": convert NumPy arrays with torch.from_numpy" if numpy else ""))
         x, y = data
     elif isinstance(data, TensorDataset) and len(data.tensors) == 2:
         x, y = data.tensors
@@ -100,6 +101,19 @@ def _check_not_empty(data: Any, name: str) -> None:
             raise ConfigError(f"the {name} set is empty: there is nothing to train or evaluate on")
 
 
+def _not_data(data: Any, name: str) -> str:
+    """Why ``data`` (neither a ``Dataset`` nor a pair of tensors) cannot be a set, and what to pass."""
+    if isinstance(data, DataLoader):
+        return (f"the {name} data is a DataLoader: pass its dataset (loader.dataset) instead; fit builds the loader "
+                f"itself, from {param('batch_size')} and {param('num_workers')}, with the sampler that makes a resume "
+                f"exact (a collate_fn goes to fit(collate_fn=...))")
+    if data is None:
+        return (f"no {name} data was given (None): fit validates every epoch; pass a held-out set "
+                f"(torch.utils.data.random_split cuts one from the training set)")
+    return (f"the {name} data is a {type(data).__name__}: pass a Dataset, an IterableDataset or a pair of tensors "
+            f"(inputs, targets)")
+
+
 def data_route(data: Data, data_path: str, name: str = "training") -> str:
     """Which path ``data`` takes: ``memory`` (tensors on the device, sliced into batches), ``loader``
     (a ``DataLoader`` over a map-style ``Dataset``) or ``stream`` (a ``DataLoader`` over an
@@ -110,7 +124,8 @@ def data_route(data: Data, data_path: str, name: str = "training") -> str:
                               f"use {param('data_path', 'auto')}")
         return "stream"
     if not isinstance(data, Dataset):
-        _tensor_pair(data, name)  # raises for what is neither
+        if _tensor_pair(data, name) is None:  # raises for a tuple or list that is not a pair of tensors
+            raise ConfigError(_not_data(data, name))
         return "memory" if data_path in ("auto", "memory") else "loader"
     if data_path == "auto":
         return "memory" if _tensor_pair(data, name) is not None else "loader"
@@ -161,7 +176,8 @@ def _size(nbytes: float) -> str:
     return f"{nbytes:.1f} TB"
 
 
-def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.device) -> tuple[Any, Any]:
+def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.device,
+                 collate_fn: Callable[[list], Any] | None = None) -> tuple[Any, Any]:
     """The training and validation loaders this process iterates, each on the path its data takes
     (:func:`data_route`):
 
@@ -175,6 +191,8 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
 
     Either way the order is seeded by ``settings.seed``, resumes exactly, and in a distributed run
     each process gets its shard (``batch_size`` is global; a stream shards itself by rank).
+    ``collate_fn(samples) -> batch`` makes each batch of both sets on the loader and stream paths; with
+    it, ``data_path="auto"`` sends tensors there too (a set held in memory is sliced, not collated).
     """
     rank, world = idist.get_rank(), idist.get_world_size()
     if settings.batch_size % world:
@@ -183,6 +201,12 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
     batch, limit, seed = settings.batch_size // world, settings.limit_train_batches, settings.seed
     workers = settings.num_workers
     kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    if collate_fn is not None:
+        if settings.data_path == "memory":
+            raise ConfigError(f"a collate_fn makes batches on the loader path; {param('data_path', 'memory')} slices "
+                              f"tensors instead: use {param('data_path', 'auto')} or {param('data_path', 'loader')}")
+        kw["collate_fn"] = collate_fn
+        settings = dataclasses.replace(settings, data_path="loader")  # a stream stays a stream
     route = data_route(train, settings.data_path)
     _check_not_empty(train, "training")
     if settings.epoch_length is not None and route != "stream":
@@ -268,6 +292,7 @@ def build_run(
     prepare_batch: Callable[[Any, torch.device, bool], tuple[Any, Any]] | None = None,
     model_transform: Callable[[Any], torch.Tensor] | None = None,
     output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
+    collate_fn: Callable[[list], Any] | None = None,
 ) -> Run:
     """Everything :func:`fit` does up to ``trainer.run``: the :class:`handlers.run.Run`, whose
     ``trainer``, ``evaluator`` and handlers you can still change before ``run.run()``.
@@ -277,7 +302,7 @@ def build_run(
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = run_device(settings)
-    train_loader, val_loader = make_loaders(train, val, settings, device)
+    train_loader, val_loader = make_loaders(train, val, settings, device, collate_fn)
     world = idist.get_world_size()
     model.to(device)
     if settings.channels_last:
@@ -381,6 +406,8 @@ def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None =
             with a ``label``/``labels``/``target``/``targets``/``y`` key).
         model_transform: ``fn(model_output) -> y_pred``, for a model returning a dict or a tuple.
         output_transform: ``fn(x, y, y_pred) -> (y_pred, y)``: what the metrics see.
+        collate_fn: ``fn(samples) -> batch`` for both sets (e.g. padding samples of different lengths);
+            the sets then go through a ``DataLoader`` (or a stream's), tensors too.
 
     Seed the global RNG (``seed_everything(settings.seed)``) before building the model for a run
     that repeats bit for bit; the command-line layer does it before calling your function.

@@ -12,13 +12,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from engine import RunSettings  # noqa: E402
 from handlers import cli, fit  # noqa: E402
 
 CASES = ("ok", "float-targets", "target-out-of-range", "late-target-out-of-range", "lengths", "forward-bug",
-         "getitem-bug", "nan-inputs", "regression-shapes", "empty-validation")
+         "getitem-bug", "nan-inputs", "regression-shapes", "empty-validation", "float64-inputs", "uint8-inputs",
+         "list-inputs", "list-targets", "ragged-samples", "a-dataloader", "no-validation")
 
 
 class Net(nn.Module):
@@ -35,8 +36,11 @@ class Net(nn.Module):
 
 
 class Samples(Dataset):
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, broken: int | None = None) -> None:
-        self.x, self.y, self.broken = x, y, broken
+    """(input, target) samples; ``form`` makes the usual wrong ones: Python lists for inputs or
+    targets, inputs of different lengths."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, broken: int | None = None, form: str = "ok") -> None:
+        self.x, self.y, self.broken, self.form = x, y, broken, form
 
     def __len__(self) -> int:
         return len(self.x)
@@ -44,6 +48,12 @@ class Samples(Dataset):
     def __getitem__(self, i: int):
         if i == self.broken:
             raise KeyError(f"sample {i} is missing")
+        if self.form == "list-inputs":
+            return self.x[i].tolist(), self.y[i]
+        if self.form == "list-targets":
+            return self.x[i], [self.y[i]]
+        if self.form == "ragged-samples":
+            return self.x[i, : 2 + i % 3], self.y[i]
         return self.x[i], self.y[i]
 
 
@@ -82,6 +92,16 @@ def train(s: Settings):
         return fit(Net(), (x, torch.randn(96)), (x[:32], torch.randn(32)), s, classification=False)
     if case == "empty-validation":
         return fit(Net(), (x, y), Samples(x[:0], y[:0]), s)
+    if case == "float64-inputs":  # NumPy's default dtype
+        return fit(Net(), (x.double(), y), val, s)
+    if case == "uint8-inputs":  # pixels as stored
+        return fit(Net(), ((x.abs() * 60).to(torch.uint8), y), val, s)
+    if case in ("list-inputs", "list-targets", "ragged-samples"):
+        return fit(Net(), Samples(x, y, form=case), val, s)
+    if case == "a-dataloader":
+        return fit(Net(), DataLoader(Samples(x, y), batch_size=16, shuffle=True), val, s)
+    if case == "no-validation":
+        return fit(Net(), (x, y), None, s)
     return fit(Net(), (x, y), val, s)
 
 

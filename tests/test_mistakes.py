@@ -4,6 +4,7 @@ only, then that line), the right exit code, and a run folder the mended command 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from engine import RunSettings
+from engine import ConfigError, RunSettings
 from handlers import fit, seed_everything
 from tests import mistake_program
 from tests.conftest import in_process
@@ -58,6 +59,24 @@ def mended_rerun_works(out: Path, capsys) -> None:
     ("regression-shapes", [], "error: the model's output [16, 3] and the training set's targets [16] differ in "
                               "shape, so the loss would broadcast them (or fail)"),
     ("empty-validation", ["--data-path", "loader"], "error: the validation set is empty"),
+    ("float64-inputs", [], "error: the training set's inputs are float64, but the model's parameters are float32 (mat1 "
+                           "and mat2 must have the same dtype, but got Double and Float): convert them with .float() "
+                           "(NumPy arrays are float64: torch.from_numpy(a).float())"),
+    ("uint8-inputs", [], "error: the training set's inputs are uint8, but the model's parameters are float32 (mat1 "
+                         "and mat2 must have the same dtype, but got Byte and Float): convert them with .float() "
+                         "(pixels: x.float() / 255)"),
+    ("list-inputs", [], "error: the training set's inputs reach the model as a list of 4, which it cannot take "
+                        "(linear(): argument 'input' (position 1) must be Tensor, not list): return a tensor from "
+                        "__getitem__"),
+    ("list-targets", [], "error: the loss cannot take the model's output [16, 3] and the training set's targets (a "
+                         "list of 1): cross_entropy_loss(): argument 'target' (position 2) must be Tensor, not list: "
+                         "return each target as a number or a tensor from __getitem__, not a Python list"),
+    ("ragged-samples", [], "error: the training set's samples cannot be stacked into a batch (stack expects each "
+                           "tensor to be equal size, but got [2] at entry 0 and [3] at entry 1): make them one shape"),
+    ("a-dataloader", [], "error: the training data is a DataLoader: pass its dataset (loader.dataset) instead; fit "
+                         "builds the loader itself, from --batch-size and --num-workers"),
+    ("no-validation", [], "error: no validation data was given (None): fit validates every epoch; pass a held-out "
+                          "set"),
 ])  # fmt: skip
 def test_a_data_mistake_is_one_line_exit_2_and_the_folder_stays_usable(tmp_path, capsys, case, extra, line):
     out = tmp_path / "run"
@@ -90,6 +109,33 @@ def test_a_bug_in_the_users_code_shows_their_frames_only_then_one_line(tmp_path,
                            env={"TRAINER_FULL_TRACEBACK": "1"})  # the whole traceback: in-process
     assert full.returncode == 1 and "site-packages" in full.stderr and full.stderr.strip().splitlines()[-1] == lines[-1]
     mended_rerun_works(out, capsys)
+
+
+def test_ragged_samples_train_with_a_collate_fn_which_batches_both_sets(tmp_path):
+    # the mended form of "ragged-samples": a padding collate_fn, which the tensors of the validation set
+    # go through too (data_path auto sends them to the loader); data_path memory is refused in one line
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 4, generator=g), torch.randint(0, 3, (96,), generator=g)
+    sizes: list[int] = []
+
+    def pad(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+        sizes.append(len(samples))
+        inputs = torch.zeros(len(samples), 4)
+        for i, (sample, _) in enumerate(samples):
+            inputs[i, : len(sample)] = sample
+        return inputs, torch.stack([target for _, target in samples])
+
+    settings = RunSettings(epochs=1, batch_size=16, val_batch_size=32, progress=False, log_every=0, tensorboard=False,
+                           output_dir=str(tmp_path / "run"))
+    result = fit(mistake_program.Net(), mistake_program.Samples(x, y, form="ragged-samples"), (x[:32], y[:32]),
+                 settings, collate_fn=pad)
+    assert result.exit_code == 0 and [row["epoch"] for row in result.history] == [1]
+    assert result.history[0]["val_samples"] == 32 and sizes.count(32) == 1  # the validation batch: collated
+    assert sizes.count(16) >= 6  # the six training batches (and the checks' first samples)
+    memory = dataclasses.replace(settings, data_path="memory", output_dir=str(tmp_path / "memory"))
+    with pytest.raises(ConfigError, match="^a collate_fn makes batches on the loader path; "):
+        fit(mistake_program.Net(), (x, y), (x[:32], y[:32]), memory, collate_fn=pad)
+    assert not (tmp_path / "memory").exists()
 
 
 def test_nan_in_the_inputs_blames_the_data_not_the_learning_rate(tmp_path, capsys):

@@ -89,17 +89,8 @@ def diagnose(y_pred: Any, y: Any, *, classification: bool, loss_fn: Callable, na
     """Why ``loss_fn(y_pred, y)`` cannot work (or would silently broadcast), in one line; ``None`` if it can."""
     if not isinstance(y_pred, torch.Tensor):
         return None  # dicts and tuples: model_transform's business (said elsewhere)
-    where = f"the {name} set"
-    if not isinstance(y, torch.Tensor):  # a dict for the user's own loss, or a list by mistake
-        try:
-            loss_fn(y_pred, y)
-        except Exception as exc:
-            fix = (": return each target as a number or a tensor from __getitem__, not a Python list"
-                   if isinstance(y, (list, tuple)) else "")
-            return (f"the loss cannot take the model's output {_shape(y_pred)} and {where}'s targets ({_shape(y)}): "
-                    f"{_first_line(exc)}{fix}")
-        return None
-    if classification and isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+    where, tensor = f"the {name} set", isinstance(y, torch.Tensor)  # else a dict for the user's loss, or a list
+    if tensor and classification and isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         if y_pred.dim() < 2:
             return (f"the model's output for {where} is {_shape(y_pred)}, but a classifier's is [N, C] (C classes): "
                     f"give it one output per class, or pass classification=False")
@@ -114,15 +105,17 @@ def diagnose(y_pred: Any, y: Any, *, classification: bool, loss_fn: Callable, na
         except ConfigError as exc:
             return str(exc)
         return None
-    if isinstance(loss_fn, _ELEMENTWISE) and y_pred.shape != y.shape:
+    if tensor and isinstance(loss_fn, _ELEMENTWISE) and y_pred.shape != y.shape:
         return (f"the model's output {_shape(y_pred)} and {where}'s targets {_shape(y)} differ in shape, so the loss "
                 f"would broadcast them (or fail): reshape the targets (y.view(-1, 1) for [N] against [N, 1]) or the "
                 f"output to match")
     try:
         loss_fn(y_pred, y)
     except Exception as exc:  # the loss cannot take them: say why, in its own words
-        return (f"the loss cannot take the model's output {_shape(y_pred)} and {where}'s targets {_shape(y)}: "
-                f"{_first_line(exc)}")
+        fix = (": return each target as a number or a tensor from __getitem__, not a Python list"
+               if isinstance(y, (list, tuple)) else "")
+        return (f"the loss cannot take the model's output {_shape(y_pred)} and {where}'s targets "
+                f"{_shape(y) if tensor else f'({_shape(y)})'}: {_first_line(exc)}{fix}")
     return None
 
 

@@ -3,7 +3,7 @@ that fails, if one does): every mismatch is one line naming the set, what was fo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from engine.amp import autocast_context
 from engine.data import InMemoryLoader
+from engine.device import tensors_in
 from engine.errors import ConfigError
 
 __all__ = ["check_batch", "check_first_batches", "check_targets", "diagnose", "input_mismatch", "peek_batch"]
@@ -33,15 +34,6 @@ def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _tensors(x: Any) -> list[torch.Tensor]:
-    """The tensors in ``x``: itself, or those in a dict, list or tuple of them (nested)."""
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, Mapping):
-        x = list(x.values())
-    return [t for item in x for t in _tensors(item)] if isinstance(x, (list, tuple)) else []
-
-
 def input_mismatch(model: nn.Module, x: Any, exc: BaseException, name: str) -> str | None:
     """Why the model's forward raised ``exc`` on ``x``, when that is the inputs' type, in one line:
     a list or tuple where it wants a tensor (samples returning Python lists), or a dtype other than its
@@ -58,7 +50,7 @@ def input_mismatch(model: nn.Module, x: Any, exc: BaseException, name: str) -> s
             word in first for word in ("dtype", "type", "not implemented for")):  # fmt: skip
         return None
     (want,) = params
-    found = sorted({t.dtype for t in _tensors(x) if t.dtype != want}, key=str)
+    found = sorted({t.dtype for t in tensors_in(x) if t.dtype != want}, key=str)
     if not found:
         return None
     got = found[0]

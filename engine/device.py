@@ -8,7 +8,8 @@ import torch
 
 from engine.errors import ConfigError, param
 
-__all__ = ["available_memory", "move_batch", "prepare_batch", "resolve_device", "split_batch", "to_device"]
+__all__ = ["available_memory", "move_batch", "prepare_batch", "resolve_device", "split_batch", "tensors_in",
+           "to_device"]
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -45,6 +46,17 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
 
 
 TARGET_KEYS = ("label", "labels", "target", "targets", "y")
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value``: itself, or those nested in its dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in tensors_in(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors_in(v)]
+    return []
 
 
 def to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:

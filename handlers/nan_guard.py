@@ -11,7 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import TerminateOnNan
 
-from engine.device import TARGET_KEYS
+from engine.device import TARGET_KEYS, tensors_in
 from engine.errors import param
 
 __all__ = ["NanGuard", "non_finite_samples"]
@@ -27,22 +27,12 @@ def non_finite_samples(batch: Any) -> tuple[str, list[int]] | None:
     else:
         parts = [("inputs", batch)]
     for part, value in parts:
-        for t in _tensors(value):
+        for t in tensors_in(value):
             if t.is_floating_point() and t.dim() > 0:
                 finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
                 if not bool(finite.all()):
                     return part, (~finite).nonzero().flatten().tolist()
     return None
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 class NanGuard:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import torch
 from torch.utils.data import IterableDataset
 
+from engine.device import tensors_in
 from engine.errors import ConfigError, param
 
-__all__ = ["StreamLoader", "is_stateful_stream", "make_stream_loader"]
+__all__ = ["StreamLoader", "WorkerShardCheck", "is_stateful_stream", "make_stream_loader", "sharded_batches"]
 
 
 def is_stateful_stream(dataset: IterableDataset) -> bool:
@@ -29,6 +31,49 @@ def make_stream_loader(dataset: IterableDataset, batch_size: int, **kwargs: Any)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*set_vital.*")
         return StatefulDataLoader(dataset, batch_size=batch_size, **kwargs)
+
+
+def sharded_batches(batches: Iterable[Any], workers: int, name: str) -> Iterator[Any]:
+    """``batches`` (of a stream read by ``workers`` DataLoader workers), as they come; a :class:`ConfigError`
+    instead of the second if it equals the first. A ``DataLoader`` takes its batches from the workers in
+    turn, and every worker runs the stream's ``__iter__``: one that does not shard itself by
+    ``get_worker_info()`` gives each worker the same items, so the first two batches are equal and every
+    sample would be trained on ``workers`` times an epoch. (A stream whose workers draw different random
+    augmentations of the same items is not caught.)"""
+    iterator = iter(batches)
+    if workers < 2:
+        yield from iterator
+        return
+    first = next(iterator, None)
+    if first is None:
+        return
+    kept = [t.clone() for t in tensors_in(first)]  # the step may change the batch in place
+    yield first
+    second = next(iterator, None)
+    if second is None:
+        return
+    now = tensors_in(second)
+    if kept and len(now) == len(kept) and all(_equal(a, b) for a, b in zip(kept, now)):
+        raise ConfigError(f"the {name} stream gives each of its {workers} DataLoader workers the same items (its "
+                          f"first two batches are equal, one from each worker): shard it in __iter__ by "
+                          f"torch.utils.data.get_worker_info() (worker id of num_workers takes every num_workers-th "
+                          f"item), or use {param('num_workers', 0)}")
+    yield second
+    yield from iterator
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
+
+
+class WorkerShardCheck:
+    """A validation stream's loader, each pass through :func:`sharded_batches`."""
+
+    def __init__(self, loader: Any, name: str = "validation") -> None:
+        self.loader, self.name = loader, name
+
+    def __iter__(self) -> Iterator[Any]:
+        return sharded_batches(self.loader, getattr(self.loader, "num_workers", 0), self.name)
 
 
 class StreamLoader:
@@ -60,13 +105,14 @@ class StreamLoader:
         return self.epoch_length
 
     def __iter__(self) -> Iterator[Any]:
+        workers = getattr(self.loader, "num_workers", 0)
         if self.epoch_length is None:
-            yield from self.loader
+            yield from sharded_batches(self.loader, workers, "training")
             return
         empty_passes = 0
         while True:  # Ignite cuts the epochs; the next one goes on with this generator
             empty_passes += 1
-            for batch in self.loader:
+            for batch in sharded_batches(self.loader, workers, "training"):
                 empty_passes = 0
                 yield batch
             if empty_passes > 1:  # (one empty pass: a resume at the very end of a pass)

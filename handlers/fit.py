@@ -39,7 +39,7 @@ from engine.checks import check_batch, check_first_batches
 from engine.device import available_memory
 from engine.device import prepare_batch as default_prepare_batch
 from engine.seeding import SeededDataset
-from engine.stream import StreamLoader, is_stateful_stream, make_stream_loader
+from engine.stream import StreamLoader, WorkerShardCheck, is_stateful_stream, make_stream_loader
 from handlers.console import write_line
 from handlers.metrics import SampleCount
 from handlers.adapters import stream_progress
@@ -253,7 +253,9 @@ def _val_loader(val: Data, settings: RunSettings, device: torch.device, rank: in
                               device=device, rank=rank, world_size=world)
     order = torch.Generator().manual_seed(settings.seed)  # not the global RNG: the model's dropout draws from it
     if route == "stream":
-        stream = DataLoader(val, batch_size=settings.val_batch_size, generator=order, **kw)
+        stream: Any = DataLoader(val, batch_size=settings.val_batch_size, generator=order, **kw)
+        if settings.num_workers > 1:
+            stream = WorkerShardCheck(stream)
         return _FirstBatches(stream, settings.limit_val_batches) if keep else stream
     val_set = SeededDataset(val if isinstance(val, Dataset) else TensorDataset(*pair), settings.seed)
     if keep and keep < len(val_set):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import re
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from torchvision.transforms import v2
 from engine import ConfigError, InMemoryLoader, ResumableRandomSampler, RunSettings
 from engine.device import split_batch
 from engine.seeding import SeededDataset, batch_generator
-from engine.stream import StreamLoader
+from engine.stream import StreamLoader, sharded_batches
 from engine.transforms import Compose, RandomCrop, RandomHorizontalFlip
 from handlers import fit, seed_everything
 from handlers.fit import data_route, make_loaders
@@ -40,11 +42,15 @@ class Augmenting(Dataset):
 
 
 class Stream(IterableDataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
+    """Items 0..n-1; ``shard``: each DataLoader worker takes its share, as PyTorch asks of a stream."""
+
+    def __init__(self, n: int, shard: bool = False) -> None:
+        self.n, self.shard = n, shard
 
     def __iter__(self):
-        for i in range(self.n):
+        info = torch.utils.data.get_worker_info()
+        start, step = (info.id, info.num_workers) if self.shard and info is not None else (0, 1)
+        for i in range(start, self.n, step):
             yield torch.full((3,), float(i)), i % 2
 
 
@@ -183,6 +189,33 @@ def test_a_schedule_over_the_run_needs_a_streams_epoch_length(tmp_path):
                                           "not tell: set epoch_length"):
         fit(flat_net(3, 2), Stream(20), Stream(10), RunSettings(output_dir=str(tmp_path / "r"), scheduler="onecycle",
                                                                 **QUIET))  # fmt: skip
+
+
+UNSHARDED = "stream gives each of its 2 DataLoader workers the same items (its first two batches are equal"
+
+
+def test_equal_first_batches_from_two_workers_stop_before_the_second_is_trained_on():
+    batches = [(torch.arange(4.0), torch.zeros(4))] * 2 + [(torch.ones(4), torch.zeros(4))]
+    seen = sharded_batches(iter([(a.clone(), b.clone()) for a, b in batches]), 2, "training")
+    next(seen)[0].add_(1)  # a step that changes its batch in place changes nothing here
+    with pytest.raises(ConfigError, match=re.escape(f"the training {UNSHARDED}, one from each worker): shard it in "
+                                                    f"__iter__ by torch.utils.data.get_worker_info()")):
+        next(seen)
+    assert len(list(sharded_batches(iter(batches), 1, "training"))) == 3  # one worker: each batch its own
+    assert len(list(sharded_batches(iter(batches[1:]), 2, "training"))) == 2
+
+
+@pytest.mark.parametrize("unsharded", ["training", "validation"])
+def test_a_stream_read_by_two_workers_must_shard_itself(tmp_path, unsharded):
+    settings = RunSettings(output_dir=str(tmp_path / "r"), epochs=2, batch_size=8, num_workers=2, **QUIET)
+    train, val = Stream(40, shard=unsharded != "training"), Stream(16, shard=unsharded != "validation")
+    with pytest.raises(ConfigError, match=re.escape(f"the {unsharded} {UNSHARDED}")):
+        fit(flat_net(3, 2), train, val, settings)
+    log = SampleLog()
+    result = fit(flat_net(3, 2), Stream(40, shard=True), Stream(16, shard=True),
+                 dataclasses.replace(settings, output_dir=str(tmp_path / "s")), handlers=[log])
+    assert result.exit_code == 0 and [len(log.epochs[e]) for e in (1, 2)] == [40, 40]
+    assert [r["iteration"] for r in result.history] == [6, 12] and result.history[-1]["val_samples"] == 16  # 8+8+4 each
 
 
 def test_a_stream_loader_refuses_a_stream_that_yields_nothing():

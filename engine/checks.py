@@ -3,7 +3,8 @@ that fails, if one does): every mismatch is one line naming the set, what was fo
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -36,15 +37,23 @@ def _dtype(dtype: torch.dtype) -> str:
 
 def input_mismatch(model: nn.Module, x: Any, exc: BaseException, name: str) -> str | None:
     """Why the model's forward raised ``exc`` on ``x``, when that is the inputs' type, in one line:
-    a list or tuple where it wants a tensor (samples returning Python lists), or a dtype other than its
-    parameters' (NumPy's float64, uint8 pixels). ``None`` when the inputs look right: then it is the
-    model's own error."""
+    a list, tuple or dict where it wants a tensor (samples returning Python lists), images with their
+    channels last or none, images not flattened for a ``Linear``, or a dtype other than its parameters'
+    (NumPy's float64, uint8 pixels). ``None`` when the inputs look right: then it is the model's own error."""
     first = _first_line(exc)
     kind = type(x).__name__
     if isinstance(x, (list, tuple)) and isinstance(exc, TypeError) and f"not {kind}" in first:
         return (f"the {name} set's inputs reach the model as {_shape(x)}, which it cannot take ({first}): return a "
                 f"tensor from __getitem__ (torch.tensor(...), not a Python {kind}), or pass "
                 f"prepare_batch=fn(batch, device, non_blocking) -> (x, y)")
+    if isinstance(x, Mapping) and isinstance(exc, TypeError) and "not dict" in first:
+        keys = ", ".join(map(str, x))
+        return (f"the {name} set's batches are dicts, so the model gets their keys besides the target ({keys}) as "
+                f"one dict, which it cannot take ({first}): keep one input key beside the target key, make forward "
+                f"take the dict, or pass prepare_batch=fn(batch, device, non_blocking) -> (x, y)")
+    layout = _channel_layout(x, first, name) or _unflattened(x, first, name)
+    if layout is not None:
+        return layout
     params = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(params) != 1 or not isinstance(exc, RuntimeError) or not any(
             word in first for word in ("dtype", "type", "not implemented for")):  # fmt: skip
@@ -59,6 +68,44 @@ def input_mismatch(model: nn.Module, x: Any, exc: BaseException, name: str) -> s
             " (NumPy arrays are float64: torch.from_numpy(a).float())" if got == torch.float64 else "")
     return (f"the {name} set's inputs are {_dtype(got)}, but the model's parameters are {_dtype(want)} ({first}): "
             f"convert them with {fix}{hint}")
+
+
+_CHANNELS = re.compile(r"expected input\[([\d, ]+)\] to have (\d+) channels, but got (\d+) channels")
+
+
+def _channel_layout(x: Any, first: str, name: str) -> str | None:
+    """When the model's first convolution refused ``x`` itself for its channels: images with their
+    channels last ([N, H, W, C], as NumPy and PIL hold them) or with no channel dimension ([N, H, W])."""
+    found = _CHANNELS.search(first)
+    if found is None or not isinstance(x, torch.Tensor):
+        return None
+    given, want = [int(n) for n in found.group(1).split(",")], int(found.group(2))
+    shape = list(x.shape)
+    if given == shape and x.dim() >= 3 and shape[-1] == want:
+        return (f"the {name} set's inputs are {_shape(x)}, channels last, but the model's first convolution takes "
+                f"{want} channels first ({first}): put them first in __getitem__ (x.permute(2, 0, 1) for an "
+                f"[H, W, C] image; torchvision's ToTensor() does it for PIL images)")
+    if given == [1, *shape]:
+        grow = "x.unsqueeze(0)" if want == 1 else f"x.unsqueeze(0).expand({want}, -1, -1)"
+        return (f"the {name} set's inputs are {_shape(x)}, with no channel dimension, but the model's first "
+                f"convolution takes {want} channel(s) ({first}): add it in __getitem__ ({grow} for an [H, W] image)")
+    return None
+
+
+_MATMUL = re.compile(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)")
+
+
+def _unflattened(x: Any, first: str, name: str) -> str | None:
+    """When the model's first ``Linear`` refused ``x`` itself: images or sequences not yet flattened
+    ([N, 28, 28] into a Linear of 784 features)."""
+    found = _MATMUL.search(first)
+    if found is None or not isinstance(x, torch.Tensor) or x.dim() < 3:
+        return None
+    rows, width, features = (int(found.group(i)) for i in (1, 2, 3))
+    if rows != x.numel() // x.shape[-1] or width != x.shape[-1] or features != x[0].numel():
+        return None
+    return (f"the {name} set's inputs are {_shape(x)}, but the model's first Linear takes {features} features "
+            f"({first}): flatten them (nn.Flatten() as the model's first layer)")
 
 
 def check_targets(y: torch.Tensor, classes: int, name: str, ignore_index: int = -100) -> None:
@@ -104,6 +151,10 @@ def diagnose(y_pred: Any, y: Any, *, classification: bool, loss_fn: Callable, na
     try:
         loss_fn(y_pred, y)
     except Exception as exc:  # the loss cannot take them: say why, in its own words
+        if isinstance(y, (list, tuple)) and y and all(isinstance(v, str) for v in y):
+            return (f"{where}'s targets are class names ({y[0]!r}, ...), which the loss cannot take "
+                    f"({_first_line(exc)}): return each as its class index, an integer (classes = "
+                    f"sorted(set(names)); classes.index(name))")
         fix = (": return each target as a number or a tensor from __getitem__, not a Python list"
                if isinstance(y, (list, tuple)) else "")
         return (f"the loss cannot take the model's output {_shape(y_pred)} and {where}'s targets "
@@ -177,6 +228,16 @@ def check_first_batches(model: nn.Module, loaders: dict[str, Any], **options: An
             raise ConfigError(f"the {name} set's samples cannot be stacked into a batch ({_first_line(exc)}): make "
                               f"them one shape in __getitem__ (crop, pad, resize), or pass collate_fn=fn(samples) "
                               f"-> batch") from exc
+        except TypeError as exc:  # nor batch what is not a tensor, an array, a number, a dict or a list
+            if not str(exc).startswith("default_collate: batch must contain"):
+                raise
+            kind = re.search(r"found <class '([\w.]+)'>", str(exc))
+            held = kind.group(1) if kind else "something else"
+            fix = ("add transform=torchvision.transforms.ToTensor() to the dataset (PIL images to [C, H, W] "
+                   "tensors in [0, 1])" if held.startswith("PIL.") else
+                   "return tensors, NumPy arrays or numbers from __getitem__")
+            raise ConfigError(f"the {name} set's samples hold {held}, which a batch cannot hold: {fix}, or pass "
+                              f"collate_fn=fn(samples) -> batch") from exc
         if batch is not None:
             targets = loader.y if isinstance(loader, InMemoryLoader) else None
             check_batch(model, batch, name, all_targets=targets, **options)

@@ -3,11 +3,18 @@ and which are the model's own error (left as they are)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
-from engine.checks import input_mismatch
+from engine import ConfigError
+from engine.checks import check_first_batches, diagnose, input_mismatch
+from engine.device import prepare_batch
+
+CHECKS = dict(prepare_batch=prepare_batch, model_transform=None, loss_fn=nn.CrossEntropyLoss(), classification=True,
+              device=torch.device("cpu"))
 
 
 class Tokens(nn.Module):  # integer inputs are right here: an embedding
@@ -39,6 +46,19 @@ def failure(model: nn.Module, x) -> BaseException:
     (nn.Linear(4, 2), [torch.randn(5), torch.randn(5)], "the training set's inputs reach the model as a list of 2, "
      "which it cannot take (", "return a tensor from __getitem__ (torch.tensor(...), not a Python list), or pass "
      "prepare_batch=fn(batch, device, non_blocking) -> (x, y)"),
+    (nn.Linear(4, 2), {"x": torch.randn(5, 4), "name": ["a"] * 5}, "the training set's batches are dicts, so the "
+     "model gets their keys besides the target (x, name) as one dict, which it cannot take (", "keep one input key "
+     "beside the target key, make forward take the dict, or pass prepare_batch=fn(batch, device, non_blocking) -> "
+     "(x, y)"),
+    (nn.Conv2d(3, 4, 3), torch.rand(5, 8, 8, 3), "the training set's inputs are [5, 8, 8, 3], channels last, but "
+     "the model's first convolution takes 3 channels first (", "put them first in __getitem__ (x.permute(2, 0, 1) "
+     "for an [H, W, C] image; torchvision's ToTensor() does it for PIL images)"),
+    (nn.Conv2d(1, 4, 3), torch.rand(5, 8, 8), "the training set's inputs are [5, 8, 8], with no channel dimension, "
+     "but the model's first convolution takes 1 channel(s) (", "add it in __getitem__ (x.unsqueeze(0) for an [H, W] "
+     "image)"),
+    (nn.Linear(64, 2), torch.rand(5, 8, 8), "the training set's inputs are [5, 8, 8], but the model's first Linear "
+     "takes 64 features (mat1 and mat2 shapes cannot be multiplied (40x8 and 64x2)): ", "flatten them (nn.Flatten() "
+     "as the model's first layer)"),
 ])  # fmt: skip
 def test_inputs_of_the_wrong_type_are_named_with_the_fix(model, x, start, end):
     message = input_mismatch(model, x, failure(model, x), "training")
@@ -48,6 +68,24 @@ def test_inputs_of_the_wrong_type_are_named_with_the_fix(model, x, start, end):
 @pytest.mark.parametrize("model, x", [
     (Tokens(), torch.randint(0, 10, (4, 6))),  # int64 token ids are right: the view is the model's bug
     (nn.Linear(4, 2), torch.randn(5, 3)),  # the right dtype, the wrong width: torch's own words say it
+    (nn.Linear(30, 2), torch.randn(5, 8, 8)),  # flattened it would not fit either
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)), torch.rand(5, 3, 8, 8)),  # the model's second layer
 ])  # fmt: skip
 def test_the_models_own_errors_are_left_to_it(model, x):
     assert input_mismatch(model, x, failure(model, x), "training") is None
+
+
+def test_samples_a_batch_cannot_hold_and_class_names_for_targets_are_named_with_the_fix():
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    pil = [(Image.new("RGB", (8, 8)), 0)] * 4
+    with pytest.raises(ConfigError, match=re.escape("the training set's samples hold PIL.Image.Image, which a batch "
+                                                    "cannot hold: add transform=torchvision.transforms.ToTensor() to "
+                                                    "the dataset")):
+        check_first_batches(nn.Linear(4, 2), {"training": DataLoader(pil, batch_size=2)}, **CHECKS)
+    message = diagnose(torch.randn(3, 2), ("cat", "dog", "cat"), classification=True, loss_fn=nn.CrossEntropyLoss(),
+                       name="validation")
+    assert message is not None and message.startswith("the validation set's targets are class names ('cat', ...), "
+                                                      "which the loss cannot take (") and message.endswith(
+        "return each as its class index, an integer (classes = sorted(set(names)); classes.index(name))"), message

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ignite.engine import Engine, Events  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.data import Dataset, IterableDataset  # noqa: E402
+from torch.utils.data import Dataset, IterableDataset, get_worker_info  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 from engine import RunSettings  # noqa: E402
@@ -56,7 +56,8 @@ class AugmentingImages(Dataset):
 
 
 class PositionStream(IterableDataset):
-    """A stream of generated samples; with ``stateful`` it keeps its position (``state_dict``)."""
+    """A stream of generated samples; with ``stateful`` it keeps its position (``state_dict``). Each
+    DataLoader worker takes every ``num_workers``-th sample (its position counts in its own share)."""
 
     def __init__(self, n: int, seed: int, stateful: bool) -> None:
         self.x, self.y = images(n, seed)
@@ -66,10 +67,12 @@ class PositionStream(IterableDataset):
             self.load_state_dict = lambda state: setattr(self, "pos", state["pos"])
 
     def __iter__(self):
+        info = get_worker_info()
+        share = range(info.id, len(self.x), info.num_workers) if info is not None else range(len(self.x))
         start, self.pos = (self.pos, self.pos) if hasattr(self, "state_dict") else (0, 0)
-        for i in range(start, len(self.x)):
-            self.pos = i + 1
-            yield self.x[i], self.y[i]
+        for k in range(start, len(share)):
+            self.pos = k + 1
+            yield self.x[share[k]], self.y[share[k]]
         self.pos = 0
 
 

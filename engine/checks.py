@@ -15,7 +15,8 @@ from engine.data import InMemoryLoader
 from engine.device import tensors_in
 from engine.errors import ConfigError
 
-__all__ = ["check_batch", "check_first_batches", "check_targets", "diagnose", "input_mismatch", "peek_batch"]
+__all__ = ["check_batch", "check_first_batches", "check_targets", "diagnose", "has_batch_norm", "input_mismatch",
+           "peek_batch"]
 
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
 
@@ -160,6 +161,11 @@ def diagnose(y_pred: Any, y: Any, *, classification: bool, loss_fn: Callable, na
         return (f"the loss cannot take the model's output {_shape(y_pred)} and {where}'s targets "
                 f"{_shape(y) if tensor else f'({_shape(y)})'}: {_first_line(exc)}{fix}")
     return None
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a BatchNorm layer (in training it needs more than one value per channel)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def peek_batch(loader: Any, size: int = 16) -> Any | None:

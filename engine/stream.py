@@ -86,11 +86,14 @@ class StreamLoader:
     again over the batches the epoch had consumed (exact when the stream yields the same items again).
     Without ``epoch_length`` the length of an epoch is unknown until the first pass ends (``len()``
     raises ``TypeError``, as a ``DataLoader`` over a stream does). ``on_resume(loader_state)`` is
-    called after a state is loaded (the run says there when a stream is read again).
+    called after a state is loaded (the run says there when a stream is read again). With
+    ``on_lone_batch`` (a model with BatchNorm, which cannot train on one sample), a batch of one sample
+    (a worker's pass ending one past a whole batch) is left out, and ``on_lone_batch()`` called.
     """
 
     def __init__(self, loader: Any, epoch_length: int | None = None,
-                 on_resume: Callable[[Mapping[str, Any]], None] | None = None) -> None:  # fmt: skip
+                 on_resume: Callable[[Mapping[str, Any]], None] | None = None,
+                 on_lone_batch: Callable[[], None] | None = None) -> None:  # fmt: skip
         if epoch_length is not None and (not isinstance(epoch_length, int) or epoch_length < 1):
             raise ConfigError(f"{param('epoch_length')} must be a positive integer, got {epoch_length!r}")
         self.loader = loader
@@ -98,6 +101,20 @@ class StreamLoader:
         self.dataset = loader.dataset
         self.batch_size = loader.batch_size
         self.on_resume = on_resume
+        self.on_lone_batch = on_lone_batch
+
+    def _batches(self) -> Iterator[Any]:
+        """One pass over the loader, through :func:`sharded_batches`, lone batches left out if asked."""
+        batches = sharded_batches(self.loader, getattr(self.loader, "num_workers", 0), "training")
+        if self.on_lone_batch is None or not self.batch_size or self.batch_size < 2:
+            yield from batches
+            return
+        for batch in batches:
+            tensors = tensors_in(batch)
+            if tensors and tensors[0].dim() > 0 and len(tensors[0]) == 1:
+                self.on_lone_batch()
+                continue
+            yield batch
 
     def __len__(self) -> int:
         if self.epoch_length is None:
@@ -105,14 +122,13 @@ class StreamLoader:
         return self.epoch_length
 
     def __iter__(self) -> Iterator[Any]:
-        workers = getattr(self.loader, "num_workers", 0)
         if self.epoch_length is None:
-            yield from sharded_batches(self.loader, workers, "training")
+            yield from self._batches()
             return
         empty_passes = 0
         while True:  # Ignite cuts the epochs; the next one goes on with this generator
             empty_passes += 1
-            for batch in sharded_batches(self.loader, workers, "training"):
+            for batch in self._batches():
                 empty_passes = 0
                 yield batch
             if empty_passes > 1:  # (one empty pass: a resume at the very end of a pass)

@@ -35,7 +35,7 @@ from engine import (
     resolve_device,
 )
 from engine.amp import resolve_amp
-from engine.checks import check_batch, check_first_batches
+from engine.checks import check_batch, check_first_batches, has_batch_norm
 from engine.device import available_memory
 from engine.device import prepare_batch as default_prepare_batch
 from engine.seeding import SeededDataset
@@ -177,7 +177,7 @@ def _size(nbytes: float) -> str:
 
 
 def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.device,
-                 collate_fn: Callable[[list], Any] | None = None) -> tuple[Any, Any]:
+                 collate_fn: Callable[[list], Any] | None = None, drop_lone_last: bool = False) -> tuple[Any, Any]:
     """The training and validation loaders this process iterates, each on the path its data takes
     (:func:`data_route`):
 
@@ -193,6 +193,8 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
     each process gets its shard (``batch_size`` is global; a stream shards itself by rank).
     ``collate_fn(samples) -> batch`` makes each batch of both sets on the loader and stream paths; with
     it, ``data_path="auto"`` sends tensors there too (a set held in memory is sliced, not collated).
+    ``drop_lone_last`` (a model with BatchNorm, which cannot train on one sample): an epoch's last
+    training batch that would hold a single sample is left out, and the run says so in one line.
     """
     rank, world = idist.get_rank(), idist.get_world_size()
     if settings.batch_size % world:
@@ -216,22 +218,48 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
         x, y = _tensor_pair(train, "training") or read_into_memory(train, "training", device)
         train_loader: Any = InMemoryLoader(x, y, batch, shuffle=True, seed=seed, device=device, max_batches=limit,
                                            rank=rank, world_size=world)
+        train_loader.drop_last = drop_lone_last and _lone_last(train_loader.num_samples, batch, limit)
     elif route == "loader":
         pair = _tensor_pair(train, "training")
         train_set = TensorDataset(*pair) if pair is not None and not isinstance(train, Dataset) else train
         sampler = ResumableRandomSampler(len(train_set), seed=seed, max_samples=limit * batch if limit else None,
                                          rank=rank, world_size=world, keyed=True)
         train_loader = DataLoader(SeededDataset(train_set, seed), batch_size=batch, sampler=sampler,
-                                  generator=torch.Generator().manual_seed(seed), **kw)
+                                  generator=torch.Generator().manual_seed(seed),
+                                  drop_last=drop_lone_last and _lone_last(len(sampler), batch, None), **kw)
     else:
         lengths = [n for n in (settings.epoch_length, limit) if n]
         loader = make_stream_loader(train, batch, generator=torch.Generator().manual_seed(seed), **kw)
         train_loader = StreamLoader(loader, epoch_length=min(lengths, default=None),
-                                    on_resume=None if is_stateful_stream(train) else _say_read_again)
+                                    on_resume=None if is_stateful_stream(train) else _say_read_again,
+                                    on_lone_batch=_say_lone_once(batch) if drop_lone_last else None)
         if settings.save_every_iters and not is_stateful_stream(train):
             write_line("The training stream has no state_dict: a resume mid-epoch reads again the batches that epoch "
                        "had consumed (exact when the stream yields the same items again)")
     return train_loader, _val_loader(val, settings, device, rank, world, kw)
+
+
+def _lone_last(samples: int, batch: int, max_batches: int | None) -> bool:
+    """Whether an epoch of ``samples`` in batches of ``batch`` ends in a batch of one (then said, in a line)."""
+    lone = samples % batch == 1 and batch > 1 and (max_batches is None or max_batches > samples // batch)
+    if lone:
+        each = " a process" if idist.get_world_size() > 1 else ""
+        write_line(f"The training set's last batch would hold 1 sample ({samples} samples{each} in batches of "
+                   f"{batch}), which BatchNorm cannot train on: it is left out each epoch (a different sample each "
+                   f"time, in the new order)")
+    return lone
+
+
+def _say_lone_once(batch: int) -> Callable[[], None]:
+    """What a stream calls when it leaves out a batch of one sample: one line, the first time."""
+    said = []
+
+    def say() -> None:
+        if not said:
+            said.append(True)
+            write_line(f"The training stream's pass ended in a batch of 1 sample (batches of {batch}), which "
+                       f"BatchNorm cannot train on: it is left out (and any such batch after it)")
+    return say
 
 
 def _say_read_again(loader_state: Mapping[str, Any]) -> None:
@@ -304,7 +332,8 @@ def build_run(
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = run_device(settings)
-    train_loader, val_loader = make_loaders(train, val, settings, device, collate_fn)
+    train_loader, val_loader = make_loaders(train, val, settings, device, collate_fn,
+                                            drop_lone_last=has_batch_norm(model))
     world = idist.get_world_size()
     model.to(device)
     if settings.channels_last:

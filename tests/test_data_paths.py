@@ -218,6 +218,37 @@ def test_a_stream_read_by_two_workers_must_shard_itself(tmp_path, unsharded):
     assert [r["iteration"] for r in result.history] == [6, 12] and result.history[-1]["val_samples"] == 16  # 8+8+4 each
 
 
+class Pairs(IterableDataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        yield from zip(self.x, self.y)
+
+
+@pytest.mark.parametrize("form, batch_norm, limit, batches", [
+    ("tensors", True, None, 6), ("dataset", True, None, 6), ("stream", True, None, 6),
+    ("tensors", False, None, 7), ("dataset", True, 6, 6), ("tensors", True, 7, 6),
+])  # fmt: skip
+def test_a_last_batch_of_one_sample_is_left_out_for_batch_norm_and_said(tmp_path, capsys, form, batch_norm, limit,
+                                                                         batches):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(97, 4, generator=g), torch.randint(0, 3, (97,), generator=g)  # 6 batches of 16, then 1
+    data = {"tensors": (x, y), "dataset": TensorDataset(x, y), "stream": Pairs(x, y)}[form]
+    norm = nn.BatchNorm1d(8) if batch_norm else nn.Identity()
+    net = nn.Sequential(nn.Linear(4, 8), norm, nn.ReLU(), nn.Linear(8, 3))
+    result = fit(net, data, (x[:20], y[:20]), RunSettings(output_dir=str(tmp_path / "r"), epochs=2, batch_size=16,
+                                                          limit_train_batches=limit, **QUIET))  # fmt: skip
+    said = capsys.readouterr().out
+    assert result.exit_code == 0 and [r["iteration"] for r in result.history] == [batches, 2 * batches]
+    sized = ("The training set's last batch would hold 1 sample (97 samples in batches of 16), which BatchNorm cannot "
+             "train on: it is left out each epoch (a different sample each time, in the new order)")
+    streamed = ("The training stream's pass ended in a batch of 1 sample (batches of 16), which BatchNorm cannot "
+                "train on: it is left out (and any such batch after it)")
+    assert said.count(sized) == (batch_norm and form != "stream" and limit != 6)
+    assert said.count(streamed) == (form == "stream")
+
+
 def test_a_stream_loader_refuses_a_stream_that_yields_nothing():
     loader = StreamLoader(DataLoader(Stream(0), batch_size=2), epoch_length=3)
     with pytest.raises(ConfigError, match="the training stream yielded no batch"):

@@ -16,7 +16,7 @@ from engine.device import tensors_in
 from engine.errors import ConfigError
 
 __all__ = ["check_batch", "check_first_batches", "check_targets", "diagnose", "has_batch_norm", "input_mismatch",
-           "peek_batch"]
+           "peek_batch", "probability_outputs"]
 
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
 
@@ -163,6 +163,22 @@ def diagnose(y_pred: Any, y: Any, *, classification: bool, loss_fn: Callable, na
     return None
 
 
+def probability_outputs(y_pred: Any, loss_fn: Callable) -> str | None:
+    """A line when a classifier's outputs are probabilities (every row in [0, 1], summing to 1: a final
+    ``Softmax``) but the loss wants logits (cross-entropy) or log-probabilities (NLL); ``None`` otherwise."""
+    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) or not isinstance(y_pred, torch.Tensor) or \
+            y_pred.dim() < 2 or y_pred.shape[1] < 2:  # fmt: skip
+        return None
+    p = y_pred.detach().float()
+    if p.min() < 0 or p.max() > 1 or not torch.allclose(p.sum(1), torch.ones((), device=p.device), atol=1e-3):
+        return None
+    start = f"The model's outputs are probabilities (each sums to 1 over its {p.shape[1]} classes), but "
+    if isinstance(loss_fn, nn.NLLLoss):
+        return start + "NLLLoss takes log-probabilities: end the model with LogSoftmax, not Softmax"
+    return (start + "CrossEntropyLoss takes logits (it applies log-softmax itself): remove the model's final "
+            "Softmax, or it learns slowly and its loss cannot fall near 0")
+
+
 def has_batch_norm(model: nn.Module) -> bool:
     """Whether ``model`` holds a BatchNorm layer (in training it needs more than one value per channel)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -195,9 +211,11 @@ def check_batch(
     device: torch.device,
     amp: str | None = None,
     all_targets: torch.Tensor | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> None:
     """One forward of ``batch`` in eval mode, then :func:`diagnose`: a :class:`ConfigError` naming
-    ``name`` for the first mismatch. ``all_targets`` (a set held as tensors): every label is checked."""
+    ``name`` for the first mismatch. ``all_targets`` (a set held as tensors): every label is checked.
+    ``log``: what is odd but not wrong is said there (outputs that are already probabilities)."""
     from engine.trainer import predict
 
     was_training = model.training
@@ -215,6 +233,9 @@ def check_batch(
         message = diagnose(y_pred.float(), y, classification=classification, loss_fn=loss_fn, name=name)
         if message is not None:
             raise ConfigError(message)
+        odd = probability_outputs(y_pred, loss_fn) if log is not None else None
+        if odd is not None:
+            log(odd)
         labels = isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and y_pred.dim() >= 2
         if classification and labels and all_targets is not None and not all_targets.is_floating_point():
             check_targets(all_targets, y_pred.shape[1], name, getattr(loss_fn, "ignore_index", -100))
@@ -222,9 +243,11 @@ def check_batch(
         model.train(was_training)
 
 
-def check_first_batches(model: nn.Module, loaders: dict[str, Any], **options: Any) -> None:
+def check_first_batches(model: nn.Module, loaders: dict[str, Any], log: Callable[[str], None] | None = None,
+                        **options: Any) -> None:
     """:func:`check_batch` on the first few samples of each set (``{"training": loader, ...}``) that
-    can be read without moving it on, every label of those held as tensors; loaders keep their place."""
+    can be read without moving it on, every label of those held as tensors; loaders keep their place.
+    ``log``: :func:`check_batch`'s, for the first set checked."""
     for name, loader in loaders.items():
         try:
             batch = peek_batch(loader)
@@ -246,4 +269,5 @@ def check_first_batches(model: nn.Module, loaders: dict[str, Any], **options: An
                               f"collate_fn=fn(samples) -> batch") from exc
         if batch is not None:
             targets = loader.y if isinstance(loader, InMemoryLoader) else None
-            check_batch(model, batch, name, all_targets=targets, **options)
+            check_batch(model, batch, name, all_targets=targets, log=log, **options)
+            log = None  # said once

@@ -344,7 +344,8 @@ def build_run(
     amp = resolve_amp(settings.amp, device, log=write_line)
     checks = dict(prepare_batch=prepare_batch or default_prepare_batch, model_transform=model_transform,
                   loss_fn=loss_fn, classification=classification, device=device, amp=amp)
-    check_first_batches(model, {"training": train_loader, "validation": val_loader}, **checks)  # before any file
+    check_first_batches(model, {"training": train_loader, "validation": val_loader}, log=write_line,
+                        **checks)  # before any file
     train_model = idist.auto_model(model) if world > 1 else model  # DDP: gradients averaged over ranks
     run_model = torch.compile(train_model) if settings.compile else train_model
     eval_model = run_model if world == 1 else model  # no collectives in evaluation: shards may differ in size

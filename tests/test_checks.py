@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine import ConfigError
-from engine.checks import check_first_batches, diagnose, input_mismatch
+from engine.checks import check_first_batches, diagnose, input_mismatch, probability_outputs
 from engine.device import prepare_batch
 
 CHECKS = dict(prepare_batch=prepare_batch, model_transform=None, loss_fn=nn.CrossEntropyLoss(), classification=True,
@@ -89,3 +89,32 @@ def test_samples_a_batch_cannot_hold_and_class_names_for_targets_are_named_with_
     assert message is not None and message.startswith("the validation set's targets are class names ('cat', ...), "
                                                       "which the loss cannot take (") and message.endswith(
         "return each as its class index, an integer (classes = sorted(set(names)); classes.index(name))"), message
+
+
+SOFTMAX_CE = ("The model's outputs are probabilities (each sums to 1 over its 3 classes), but CrossEntropyLoss takes "
+              "logits (it applies log-softmax itself): remove the model's final Softmax, or it learns slowly and its "
+              "loss cannot fall near 0")
+
+
+@pytest.mark.parametrize("last, loss_fn, line", [
+    (nn.Softmax(1), nn.CrossEntropyLoss(), SOFTMAX_CE),
+    (nn.Softmax(1), nn.NLLLoss(), "The model's outputs are probabilities (each sums to 1 over its 3 classes), but "
+                                  "NLLLoss takes log-probabilities: end the model with LogSoftmax, not Softmax"),
+    (nn.Identity(), nn.CrossEntropyLoss(), None),
+    (nn.LogSoftmax(1), nn.NLLLoss(), None),
+    (nn.Softmax(1), nn.MSELoss(), None),  # not a classifier's loss: not ours to say
+    (nn.Sigmoid(), nn.CrossEntropyLoss(), None),  # in [0, 1] but no distribution
+])  # fmt: skip
+def test_outputs_that_are_already_probabilities_are_said(last, loss_fn, line):
+    model = nn.Sequential(nn.Linear(4, 3), last)
+    assert probability_outputs(model(torch.randn(16, 4)), loss_fn) == line
+
+
+def test_fit_says_it_once_before_training_and_trains_on(tmp_path, capsys):
+    from engine import RunSettings
+    from handlers import fit
+
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    result = fit(nn.Sequential(nn.Linear(4, 3), nn.Softmax(1)), (x, y), (x, y),
+                 RunSettings(output_dir=str(tmp_path / "r"), epochs=1, progress=False, log_every=0, tensorboard=False))
+    assert result.exit_code == 0 and capsys.readouterr().out.count(SOFTMAX_CE) == 1

@@ -16,7 +16,7 @@ from engine.device import tensors_in
 from engine.errors import ConfigError
 
 __all__ = ["check_batch", "check_first_batches", "check_targets", "diagnose", "has_batch_norm", "input_mismatch",
-           "peek_batch", "probability_outputs"]
+           "peek_batch", "probability_outputs", "unregistered"]
 
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
 
@@ -177,6 +177,31 @@ def probability_outputs(y_pred: Any, loss_fn: Callable) -> str | None:
         return start + "NLLLoss takes log-probabilities: end the model with LogSoftmax, not Softmax"
     return (start + "CrossEntropyLoss takes logits (it applies log-softmax itself): remove the model's final "
             "Softmax, or it learns slowly and its loss cannot fall near 0")
+
+
+def unregistered(model: nn.Module) -> list[str]:
+    """Lines for what a model holds where PyTorch does not see it: modules in a plain Python list, tuple
+    or dict attribute (not in the model's tree: not trained, saved or moved with it), and tensors that
+    require grad but are not ``nn.Parameter`` s. Empty when there is nothing to say."""
+    known = {id(m) for m in model.modules()}
+    lines = []
+    for prefix, module in model.named_modules():
+        for attr, value in vars(module).items():
+            where = f"{prefix}.{attr}" if prefix else attr
+            items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, (list, tuple)) \
+                else ()  # fmt: skip
+            loose = [m for m in items if isinstance(m, nn.Module) and id(m) not in known]
+            if loose and not attr.startswith("_"):
+                kind, fix = type(value).__name__, "nn.ModuleDict" if isinstance(value, dict) else "nn.ModuleList"
+                count = "1 module" if len(loose) == 1 else f"{len(loose)} modules"
+                lines.append(f"The model's {where!r} is a Python {kind} of {count} that PyTorch does not see: their "
+                             f"parameters are not trained, saved or moved to the device; make it {fix}, unless "
+                             f"they are kept out on purpose")
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.requires_grad:
+                lines.append(f"The model's {where!r} is a tensor that requires grad but is not an nn.Parameter: the "
+                             f"optimizer does not train it and checkpoints do not save it; make it "
+                             f"nn.Parameter(...)")
+    return lines
 
 
 def has_batch_norm(model: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from engine import (
     resolve_device,
 )
 from engine.amp import resolve_amp
-from engine.checks import check_batch, check_first_batches, has_batch_norm
+from engine.checks import check_batch, check_first_batches, has_batch_norm, unregistered
 from engine.device import available_memory
 from engine.device import prepare_batch as default_prepare_batch
 from engine.seeding import SeededDataset
@@ -344,6 +344,8 @@ def build_run(
     amp = resolve_amp(settings.amp, device, log=write_line)
     checks = dict(prepare_batch=prepare_batch or default_prepare_batch, model_transform=model_transform,
                   loss_fn=loss_fn, classification=classification, device=device, amp=amp)
+    for line in unregistered(model):
+        write_line(line)
     check_first_batches(model, {"training": train_loader, "validation": val_loader}, log=write_line,
                         **checks)  # before any file
     train_model = idist.auto_model(model) if world > 1 else model  # DDP: gradients averaged over ranks

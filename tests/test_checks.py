@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine import ConfigError
-from engine.checks import check_first_batches, diagnose, input_mismatch, probability_outputs
+from engine.checks import check_first_batches, diagnose, input_mismatch, probability_outputs, unregistered
 from engine.device import prepare_batch
 
 CHECKS = dict(prepare_batch=prepare_batch, model_transform=None, loss_fn=nn.CrossEntropyLoss(), classification=True,
@@ -110,11 +110,48 @@ def test_outputs_that_are_already_probabilities_are_said(last, loss_fn, line):
     assert probability_outputs(model(torch.randn(16, 4)), loss_fn) == line
 
 
-def test_fit_says_it_once_before_training_and_trains_on(tmp_path, capsys):
+class Loose(nn.Module):
+    """Layers where PyTorch does not see them (a list, a dict, a bare tensor), and a list that only
+    refers to registered ones (nothing to say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = [nn.Linear(4, 4), nn.Linear(4, 3)]
+        self.heads = {"a": nn.Linear(3, 3)}
+        self.scale = torch.ones(3, requires_grad=True)
+        self.body = nn.Sequential(nn.Linear(4, 3), nn.Softmax(1))
+        self.refs = [self.body[0]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+LOOSE = [
+    "The model's 'layers' is a Python list of 2 modules that PyTorch does not see: their parameters are not trained, "
+    "saved or moved to the device; make it nn.ModuleList, unless they are kept out on purpose",
+    "The model's 'heads' is a Python dict of 1 module that PyTorch does not see: their parameters are not trained, "
+    "saved or moved to the device; make it nn.ModuleDict, unless they are kept out on purpose",
+    "The model's 'scale' is a tensor that requires grad but is not an nn.Parameter: the optimizer does not train it "
+    "and checkpoints do not save it; make it nn.Parameter(...)",
+]
+
+
+@pytest.mark.parametrize("model, lines", [
+    (Loose(), LOOSE),
+    (nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), []),
+    (nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=8,
+                    batch_first=True), []),
+])  # fmt: skip
+def test_modules_and_tensors_pytorch_does_not_see_are_named(model, lines):
+    assert unregistered(model) == lines
+
+
+def test_fit_says_them_once_before_training_and_trains_on(tmp_path, capsys):
     from engine import RunSettings
     from handlers import fit
 
     x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
-    result = fit(nn.Sequential(nn.Linear(4, 3), nn.Softmax(1)), (x, y), (x, y),
+    result = fit(Loose(), (x, y), (x, y),
                  RunSettings(output_dir=str(tmp_path / "r"), epochs=1, progress=False, log_every=0, tensorboard=False))
-    assert result.exit_code == 0 and capsys.readouterr().out.count(SOFTMAX_CE) == 1
+    out = capsys.readouterr().out
+    assert result.exit_code == 0 and [out.count(line) for line in [SOFTMAX_CE, *LOOSE]] == [1, 1, 1, 1]

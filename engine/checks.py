@@ -16,7 +16,7 @@ from engine.device import tensors_in
 from engine.errors import ConfigError
 
 __all__ = ["check_batch", "check_first_batches", "check_targets", "diagnose", "has_batch_norm", "input_mismatch",
-           "peek_batch", "probability_outputs", "unregistered"]
+           "peek_batch", "pixel_scale", "probability_outputs", "unregistered"]
 
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
 
@@ -163,6 +163,25 @@ def diagnose(y_pred: Any, y: Any, *, classification: bool, loss_fn: Callable, na
     return None
 
 
+def pixel_scale(x: Any, name: str) -> str | None:
+    """A line when image-shaped float inputs ([N, C, H, W] or [N, H, W]) are raw pixels (whole numbers
+    up to 255, some past 31: never scaled) or pixels scaled twice (multiples of 1/255**2, all below 1/255)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 3 or x.numel() == 0:
+        return None
+    x = x.detach().double()
+    low, high = x.min().item(), x.max().item()
+    if low < 0 or high <= 0:
+        return None
+    if 31 < high <= 255 and torch.equal(x, x.round()):  # (small whole numbers: a board game's planes, counts)
+        return (f"The {name} set's inputs look like raw pixels (whole numbers from {low:.0f} to {high:.0f}): a network "
+                f"trains poorly on that range; scale them (x / 255, or torchvision's ToTensor()), and normalise")
+    twice = x * 255**2
+    if high <= 1 / 255 + 1e-9 and torch.allclose(twice, twice.round(), atol=1e-3):
+        return (f"The {name} set's inputs range from {low:.2g} to {high:.2g}, pixels divided by 255 twice (ToTensor() "
+                f"already scales to [0, 1]): divide once")
+    return None
+
+
 def probability_outputs(y_pred: Any, loss_fn: Callable) -> str | None:
     """A line when a classifier's outputs are probabilities (every row in [0, 1], summing to 1: a final
     ``Softmax``) but the loss wants logits (cross-entropy) or log-probabilities (NLL); ``None`` otherwise."""
@@ -258,9 +277,10 @@ def check_batch(
         message = diagnose(y_pred.float(), y, classification=classification, loss_fn=loss_fn, name=name)
         if message is not None:
             raise ConfigError(message)
-        odd = probability_outputs(y_pred, loss_fn) if log is not None else None
-        if odd is not None:
-            log(odd)
+        if log is not None:
+            for odd in (pixel_scale(x, name), probability_outputs(y_pred, loss_fn)):
+                if odd is not None:
+                    log(odd)
         labels = isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and y_pred.dim() >= 2
         if classification and labels and all_targets is not None and not all_targets.is_floating_point():
             check_targets(all_targets, y_pred.shape[1], name, getattr(loss_fn, "ignore_index", -100))

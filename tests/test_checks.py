@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine import ConfigError
-from engine.checks import check_first_batches, diagnose, input_mismatch, probability_outputs, unregistered
+from engine.checks import check_first_batches, diagnose, input_mismatch, pixel_scale, probability_outputs, unregistered
 from engine.device import prepare_batch
 
 CHECKS = dict(prepare_batch=prepare_batch, model_transform=None, loss_fn=nn.CrossEntropyLoss(), classification=True,
@@ -155,3 +155,23 @@ def test_fit_says_them_once_before_training_and_trains_on(tmp_path, capsys):
                  RunSettings(output_dir=str(tmp_path / "r"), epochs=1, progress=False, log_every=0, tensorboard=False))
     out = capsys.readouterr().out
     assert result.exit_code == 0 and [out.count(line) for line in [SOFTMAX_CE, *LOOSE]] == [1, 1, 1, 1]
+
+
+PIXELS = torch.randint(0, 256, (4, 3, 8, 8), generator=torch.Generator().manual_seed(0)).float()
+
+
+@pytest.mark.parametrize("x, line", [
+    (PIXELS, "The training set's inputs look like raw pixels (whole numbers from 0 to 255): a network trains poorly "
+             "on that range; scale them (x / 255, or torchvision's ToTensor()), and normalise"),
+    (PIXELS[:, 0], "The training set's inputs look like raw pixels (whole numbers from 2 to 254): "),  # [N, H, W]
+    (PIXELS / 255 / 255, "The training set's inputs range from 0 to 0.0039, pixels divided by 255 twice (ToTensor() "
+                         "already scales to [0, 1]): divide once"),
+    (PIXELS / 255, None),
+    ((PIXELS / 255 - 0.5) / 0.25, None),
+    (PIXELS % 3, None),  # a board game's planes: small whole numbers
+    (PIXELS[:, 0, 0], None),  # not image-shaped: features, whatever their scale
+    (torch.rand(4, 1, 8, 8) * 0.003, None),  # small, but not multiples of 1/255**2
+])  # fmt: skip
+def test_raw_or_twice_scaled_pixels_are_said(x, line):
+    said = pixel_scale(x, "training")
+    assert said is None if line is None else said is not None and said.startswith(line), said

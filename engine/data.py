@@ -7,6 +7,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from engine.errors import ConfigError
+from engine.sampler import checked_weights, draw_order
 
 __all__ = ["InMemoryLoader"]
 
@@ -34,6 +35,8 @@ class InMemoryLoader:
         device: where to hold the tensors (default: where they are).
         max_batches: cap on batches per epoch (``None``: all).
         rank, world_size: this process's shard.
+        weights: one per sample (with ``shuffle``): each epoch draws as many samples with replacement,
+            in proportion (see :func:`engine.sampler.draw_order`).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class InMemoryLoader:
         max_batches: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        weights: Any = None,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -73,6 +77,9 @@ class InMemoryLoader:
         self.max_batches = max_batches
         self.rank = rank
         self.world_size = world_size
+        self.weights = None if weights is None else checked_weights(weights, x.shape[0])
+        if self.weights is not None and not shuffle:
+            raise ConfigError("weights draw a random order: they need shuffle=True")
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0  # epochs begun
         self.position = 0  # batches handed out in the current epoch
@@ -97,7 +104,7 @@ class InMemoryLoader:
     def _draw_indices(self) -> torch.Tensor:
         n = self.x.shape[0]
         if self.shuffle:
-            order = torch.randperm(n, generator=self.generator)
+            order = draw_order(n, self.generator, self.weights)
         else:
             order = torch.arange(n)
         if self.equal_shards:

@@ -11,11 +11,37 @@ from torch.utils.data import Sampler
 from engine.epoch import batch_in_epoch
 from engine.errors import ConfigError
 
-__all__ = ["ResumableRandomSampler"]
+__all__ = ["ResumableRandomSampler", "checked_weights", "draw_order"]
+
+
+def checked_weights(weights: Any, num_samples: int, name: str = "training") -> torch.Tensor:
+    """``weights`` as a 1-D float64 tensor of ``num_samples`` finite, non-negative numbers, not all 0;
+    a :class:`ConfigError` naming what is wrong otherwise."""
+    try:
+        w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"sample_weights must be numbers, one per {name} sample ({exc})") from exc
+    if w.dim() != 1 or len(w) != num_samples:
+        raise ConfigError(f"sample_weights must hold one number per {name} sample: {num_samples} samples, got "
+                          f"{'a shape ' + str(list(w.shape)) if w.dim() != 1 else len(w)}")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        bad = int((~torch.isfinite(w) | (w < 0)).nonzero()[0])
+        raise ConfigError(f"sample_weights must be finite and >= 0: sample {bad}'s is {w[bad].item()}")
+    if w.sum() <= 0:
+        raise ConfigError("sample_weights are all 0: no sample could be drawn")
+    return w
+
+
+def draw_order(num_samples: int, generator: torch.Generator, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """An epoch's order: a permutation of ``num_samples`` indices or, with ``weights``, as many draws
+    with replacement, sample ``i`` drawn with probability ``weights[i] / weights.sum()``."""
+    if weights is None:
+        return torch.randperm(num_samples, generator=generator)
+    return torch.multinomial(weights, num_samples, replacement=True, generator=generator)
 
 
 class ResumableRandomSampler(Sampler[int]):
-    """Random order from its own ``torch.Generator`` (not the global RNG), at most ``max_samples`` per
+    """Random order (or weighted draws) from its own ``torch.Generator`` (not the global RNG), at most ``max_samples`` per
     epoch, and a ``state_dict()`` that lets a resumed run hand out the same remaining indices.
 
     A ``DataLoader`` prefetches, so the sampler itself cannot know how many of its indices the
@@ -35,6 +61,8 @@ class ResumableRandomSampler(Sampler[int]):
         max_samples: cap per epoch on this rank (``None``: all), e.g. ``limit_batches * batch_size``.
         rank, world_size: this process's shard.
         keyed: yield ``(epoch, index)`` pairs.
+        weights: one per sample: an epoch draws ``num_samples`` indices with replacement, in proportion
+            (class imbalance: ``(1 / torch.bincount(y).double())[y]``); see :func:`draw_order`.
     """
 
     def __init__(
@@ -45,6 +73,7 @@ class ResumableRandomSampler(Sampler[int]):
         rank: int = 0,
         world_size: int = 1,
         keyed: bool = False,
+        weights: Any = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in a world of size {world_size}")
@@ -59,6 +88,7 @@ class ResumableRandomSampler(Sampler[int]):
         self.world_size = world_size
         self.max_samples = max_samples
         self.keyed = keyed
+        self.weights = None if weights is None else checked_weights(weights, num_samples)
         self.epoch = 0  # orders drawn so far: the current order's epoch
         self._trainer: Engine | None = None
         self._batch_size = 1
@@ -74,7 +104,7 @@ class ResumableRandomSampler(Sampler[int]):
     def _draw(self) -> torch.Tensor:
         self.epoch += 1
         self._epoch_rng = self.generator.get_state()
-        order = torch.randperm(self.num_samples, generator=self.generator)
+        order = draw_order(self.num_samples, self.generator, self.weights)
         order = order[: self.num_samples - self.num_samples % self.world_size][self.rank :: self.world_size]
         return order[: len(self)]
 

@@ -177,7 +177,8 @@ def _size(nbytes: float) -> str:
 
 
 def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.device,
-                 collate_fn: Callable[[list], Any] | None = None, drop_lone_last: bool = False) -> tuple[Any, Any]:
+                 collate_fn: Callable[[list], Any] | None = None, drop_lone_last: bool = False,
+                 sample_weights: Any = None) -> tuple[Any, Any]:
     """The training and validation loaders this process iterates, each on the path its data takes
     (:func:`data_route`):
 
@@ -195,6 +196,8 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
     it, ``data_path="auto"`` sends tensors there too (a set held in memory is sliced, not collated).
     ``drop_lone_last`` (a model with BatchNorm, which cannot train on one sample): an epoch's last
     training batch that would hold a single sample is left out, and the run says so in one line.
+    ``sample_weights`` (one per training sample): each epoch draws as many samples with replacement,
+    in proportion, instead of a permutation (memory and loader paths; not a stream).
     """
     rank, world = idist.get_rank(), idist.get_world_size()
     if settings.batch_size % world:
@@ -211,19 +214,22 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
         settings = dataclasses.replace(settings, data_path="loader")  # a stream stays a stream
     route = data_route(train, settings.data_path)
     _check_not_empty(train, "training")
+    if sample_weights is not None and route == "stream":
+        raise ConfigError("sample_weights need a set with a length, one weight per sample; a stream "
+                          "(IterableDataset) is read in its own order: weight or repeat its items in __iter__")
     if settings.epoch_length is not None and route != "stream":
         raise ConfigError(f"{param('epoch_length')} is for streams (an IterableDataset); to train on part of each "
                           f"epoch use {param('limit_train_batches')}")
     if route == "memory":
         x, y = _tensor_pair(train, "training") or read_into_memory(train, "training", device)
         train_loader: Any = InMemoryLoader(x, y, batch, shuffle=True, seed=seed, device=device, max_batches=limit,
-                                           rank=rank, world_size=world)
+                                           rank=rank, world_size=world, weights=sample_weights)
         train_loader.drop_last = drop_lone_last and _lone_last(train_loader.num_samples, batch, limit)
     elif route == "loader":
         pair = _tensor_pair(train, "training")
         train_set = TensorDataset(*pair) if pair is not None and not isinstance(train, Dataset) else train
         sampler = ResumableRandomSampler(len(train_set), seed=seed, max_samples=limit * batch if limit else None,
-                                         rank=rank, world_size=world, keyed=True)
+                                         rank=rank, world_size=world, keyed=True, weights=sample_weights)
         train_loader = DataLoader(SeededDataset(train_set, seed), batch_size=batch, sampler=sampler,
                                   generator=torch.Generator().manual_seed(seed),
                                   drop_last=drop_lone_last and _lone_last(len(sampler), batch, None), **kw)
@@ -323,6 +329,7 @@ def build_run(
     model_transform: Callable[[Any], torch.Tensor] | None = None,
     output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
     collate_fn: Callable[[list], Any] | None = None,
+    sample_weights: Any = None,
 ) -> Run:
     """Everything :func:`fit` does up to ``trainer.run``: the :class:`handlers.run.Run`, whose
     ``trainer``, ``evaluator`` and handlers you can still change before ``run.run()``.
@@ -333,7 +340,7 @@ def build_run(
         torch.set_num_threads(settings.threads)
     device = run_device(settings)
     train_loader, val_loader = make_loaders(train, val, settings, device, collate_fn,
-                                            drop_lone_last=has_batch_norm(model))
+                                            drop_lone_last=has_batch_norm(model), sample_weights=sample_weights)
     world = idist.get_world_size()
     model.to(device)
     if settings.channels_last:
@@ -442,6 +449,9 @@ def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None =
         output_transform: ``fn(x, y, y_pred) -> (y_pred, y)``: what the metrics see.
         collate_fn: ``fn(samples) -> batch`` for both sets (e.g. padding samples of different lengths);
             the sets then go through a ``DataLoader`` (or a stream's), tensors too.
+        sample_weights: one number per training sample: each epoch draws as many samples with
+            replacement, in proportion (class imbalance: ``(1 / torch.bincount(y).double())[y]``
+            draws every class equally often), the draws seeded and resumed exactly as the order is.
 
     Seed the global RNG (``seed_everything(settings.seed)``) before building the model for a run
     that repeats bit for bit; the command-line layer does it before calling your function.

@@ -126,3 +126,42 @@ def test_sampler_attached_to_the_trainer_continues_exactly(batches, batch_size):
 def test_bad_arguments(kw, match):
     with pytest.raises(ConfigError, match=match):
         loader(**kw)
+
+
+WEIGHTS = (torch.arange(103) % 2 * 9.0 + 1).index_fill(0, torch.tensor([5, 6]), 0.0)  # odd 10x, 5 and 6 never
+
+
+@pytest.mark.parametrize("stop_at", [0, 4])
+def test_weighted_draws_follow_the_weights_and_continue_exactly(stop_at):
+    ld = loader(seed=7, weights=WEIGHTS)
+    epochs = [epoch_ids(ld) for _ in range(3)]
+    drawn = [i for e in epochs for i in e]
+    assert [len(e) for e in epochs] == [103] * 3 and len(set(epochs[0])) < 103  # with replacement
+    assert 5 not in drawn and 6 not in drawn and 0.85 < sum(i % 2 for i in drawn) / len(drawn) < 0.96  # 10/11
+    again = loader(seed=7, weights=WEIGHTS)
+    epoch_ids(again)
+    it = iter(again)
+    seen = [int(i) for _, y in (next(it) for _ in range(stop_at)) for i in y]
+    fresh = loader(seed=7, weights=WEIGHTS)
+    fresh.load_state_dict(again.state_dict())
+    assert seen + epoch_ids(fresh) == epochs[1] and epoch_ids(fresh) == epochs[2]
+    trainer = Engine(lambda e, b: None)  # the DataLoader's sampler: the same draws, the same continuation
+    sampler = ResumableRandomSampler(103, seed=7, weights=WEIGHTS).attach(trainer, 10)
+    assert list(sampler) == epochs[0] and list(sampler) == epochs[1]
+    trainer.state.epoch, trainer.state.epoch_length, trainer.state.iteration = 2, 11, 11 + stop_at
+    resumed = ResumableRandomSampler(103, seed=99, weights=WEIGHTS)
+    resumed.load_state_dict(sampler.state_dict())
+    assert list(resumed) == (epochs[1][stop_at * 10 :] if stop_at else epochs[2])
+
+
+@pytest.mark.parametrize("weights, match", [
+    (torch.ones(102), "sample_weights must hold one number per training sample: 103 samples, got 102"),
+    (torch.ones(103, 1), r"sample_weights must hold one number per training sample: 103 samples, got a shape \[103, 1\]"),
+    (torch.ones(103).index_fill(0, torch.tensor([7]), -1.0), "sample_weights must be finite and >= 0: sample 7's is -1.0"),
+    (torch.ones(103).index_fill(0, torch.tensor([9]), float("nan")), "must be finite and >= 0: sample 9's is nan"),
+    (torch.zeros(103), "sample_weights are all 0: no sample could be drawn"),
+    (["a"] * 103, "sample_weights must be numbers, one per training sample"),
+])  # fmt: skip
+def test_bad_weights_are_one_line(weights, match):
+    with pytest.raises(ConfigError, match=match):
+        loader(weights=weights)

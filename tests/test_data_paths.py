@@ -291,3 +291,51 @@ def test_progress_over_a_stream_counts_without_a_total_until_the_first_pass_ends
     state = trainer.run(StreamLoader(make_stream_loader(Stream(45), 4)), max_epochs=2)
     err = capsys.readouterr().err
     assert state.epoch_length == 12 and "Epoch [1/2]: [10/?]" in err and "Epoch [2/2]: [10/12]" in err
+
+
+class ClassCount:
+    """Training samples seen per class; raises at iteration ``crash_at`` (a crash mid-epoch)."""
+
+    def __init__(self, crash_at: int | None = None) -> None:
+        self.counts, self.crash_at = torch.zeros(2), crash_at
+
+    def attach(self, trainer) -> "ClassCount":
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
+        return self
+
+    def __call__(self, engine) -> None:
+        self.counts += torch.bincount(engine.state.batch[1].cpu(), minlength=2)
+        if engine.state.iteration == self.crash_at:
+            raise RuntimeError("crash")
+
+
+@pytest.mark.parametrize("form", ["tensors", "dataset"])
+def test_sample_weights_draw_classes_evenly_and_a_crashed_run_resumes_to_the_same_draws(tmp_path, form):
+    g = torch.Generator().manual_seed(0)
+    y = (torch.arange(200) < 20).long()  # 180 of class 0, 20 of class 1
+    x = torch.randn(200, 4, generator=g) + y[:, None]
+    data = (x, y) if form == "tensors" else TensorDataset(x, y)
+    weights = (1 / torch.bincount(y).double())[y]
+
+    def run(out: str, count: ClassCount, **kw):
+        seed_everything(0)
+        return fit(flat_net(4, 2), data, (x, y), RunSettings(output_dir=str(tmp_path / out), epochs=3, batch_size=20,
+                                                             save_every_iters=3, **QUIET, **kw),
+                   sample_weights=weights, handlers=[count])  # fmt: skip
+
+    seen = ClassCount()
+    straight = run("straight", seen)
+    assert seen.counts.sum() == 600 and 0.4 < seen.counts[1] / 600 < 0.6  # 10% of the set, half the draws
+    with pytest.raises(RuntimeError, match="crash"):
+        run("crashed", ClassCount(crash_at=16))  # mid-epoch 2 (10 batches an epoch), saved at 15
+    resumed = run("crashed", ClassCount(), resume="auto")
+    timing = ("epoch_seconds", "samples_per_second")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in straight.history]  # fmt: skip
+
+
+def test_sample_weights_are_refused_for_a_stream_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"sample_weights need a set with a length, one weight per sample; a stream "
+                                          r"\(IterableDataset\) is read in its own order"):
+        fit(flat_net(3, 2), Stream(20), Stream(10), RunSettings(output_dir=str(tmp_path / "r"), **QUIET),
+            sample_weights=torch.ones(20))

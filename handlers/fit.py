@@ -41,7 +41,7 @@ from engine.device import prepare_batch as default_prepare_batch
 from engine.seeding import SeededDataset
 from engine.stream import StreamLoader, WorkerShardCheck, is_stateful_stream, make_stream_loader
 from handlers.console import write_line
-from handlers.metrics import SampleCount
+from handlers.metrics import AccuracyView, SampleCount
 from handlers.adapters import stream_progress
 from handlers.lr_finder import LRFinder
 from handlers.run import Run, RunResult, attach_run, check_output_dir, data_order
@@ -382,11 +382,12 @@ def build_run(
         ema.attach(trainer, name="ema_momentum")
 
     plain_loss = _unsmoothed(loss_fn)  # what train_loss and val_loss report
+    view = AccuracyView(loss_fn)  # labels, soft labels or per-label binary
 
     def evaluator_of(net: nn.Module, extra: Mapping[str, Metric]) -> Engine:
         val_metrics: dict[str, Metric] = {"loss": Loss(plain_loss)}
         if classification:
-            val_metrics["accuracy"] = Accuracy()
+            val_metrics["accuracy"] = Accuracy(output_transform=view)
         val_metrics.update({**extra, "samples": SampleCount()})
         return create_evaluator(net, val_metrics, device=device, amp=amp, channels_last=settings.channels_last,
                                 prepare_batch=prepare_batch, model_transform=model_transform,
@@ -404,7 +405,7 @@ def build_run(
                                     **({"lr_finder": {"suggestion": finder.suggestion, "range": list(finder.tried)}}
                                        if finder is not None else {}),
                                     **(extra_config or {})},
-                     train_loss_fn=None if plain_loss is loss_fn else plain_loss)
+                     train_loss_fn=None if plain_loss is loss_fn else plain_loss, accuracy_view=view)
 
     def explain(batch: Any, name: str) -> str | None:  # a batch that failed: the data's fault?
         try:

@@ -15,7 +15,36 @@ from engine.device import to_device
 from engine.epoch import mid_epoch
 from handlers.ordering import Stage, attach_ordered
 
-__all__ = ["SampleCount", "TrainMetrics"]
+__all__ = ["AccuracyView", "SampleCount", "TrainMetrics"]
+
+
+class AccuracyView:
+    """How the accuracy (and the confusion matrix) read ``(y_pred, y)`` under ``loss_fn``.
+
+    Class labels as they are. Soft labels (float targets shaped like the output, under cross-entropy:
+    mixup, cutmix, distillation) by their most likely class. Under ``BCEWithLogitsLoss`` or
+    ``BCELoss`` (binary or multi-label targets of 0 and 1, shaped like the output) every output is
+    thresholded (at 0 for logits, 0.5 for probabilities) against its target, and every label counts
+    (Keras's binary accuracy); ``per_label`` is then true and there is no confusion matrix.
+    """
+
+    def __init__(self, loss_fn: Callable | None = None) -> None:
+        self.threshold = (0.0 if isinstance(loss_fn, torch.nn.BCEWithLogitsLoss) else
+                          0.5 if isinstance(loss_fn, torch.nn.BCELoss) else None)  # fmt: skip
+
+    @property
+    def per_label(self) -> bool:
+        return self.threshold is not None
+
+    def __call__(self, output: Any) -> tuple[Any, Any]:
+        y_pred, y = output[0], output[1]
+        if isinstance(y, torch.Tensor) and isinstance(y_pred, torch.Tensor) and y.is_floating_point() \
+                and y.shape == y_pred.shape:  # fmt: skip
+            if self.threshold is not None:
+                return (y_pred > self.threshold).long(), (y > 0.5).long()
+            if y.dim() >= 2:
+                return y_pred, y.argmax(1)
+        return y_pred, y
 
 
 def _step_loss(loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -52,7 +81,8 @@ class TrainMetrics:
 
     Ignite's ``Loss`` (fed the loss the step already computed, weighted by the batch size) and
     ``Accuracy`` (fed the step's detached logits) accumulate on the device during the epoch; nothing is
-    synced per batch. :meth:`running` gives the means so far, for per-batch lines. With ``loss_fn`` the
+    synced per batch (read through ``accuracy_view``: :class:`AccuracyView`). :meth:`running` gives the
+    means so far, for per-batch lines. With ``loss_fn`` the
     loss is that function of the step's logits instead (``fit`` gives the plain cross-entropy when
     training smooths its labels, so that ``train_loss`` and ``val_loss`` measure the same thing).
 
@@ -64,13 +94,15 @@ class TrainMetrics:
     close the group first; large ones go alone.
     """
 
-    def __init__(self, prefix: str = "train_", accuracy: bool = True, loss_fn: Callable | None = None) -> None:
+    def __init__(self, prefix: str = "train_", accuracy: bool = True, loss_fn: Callable | None = None,
+                 accuracy_view: Callable[[Any], tuple[Any, Any]] | None = None) -> None:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (logits, targets) -> loss, got {type(loss_fn).__name__}")
         self.prefix = prefix
         self.loss_fn = loss_fn
+        self.accuracy_view = accuracy_view or AccuracyView()
         self.metrics: dict[str, Metric] = {"loss": Loss(loss_fn or _step_loss)}
         if accuracy:
             self.metrics["accuracy"] = Accuracy()
@@ -122,7 +154,7 @@ class TrainMetrics:
                 loss = torch.stack([g[0] * len(g[2]) for g in group]).sum() / len(y)
         metrics["loss"].update((y_pred.float(), y) if self.loss_fn is not None else (loss, y))
         if "accuracy" in metrics:
-            metrics["accuracy"].update((y_pred, y))
+            metrics["accuracy"].update(self.accuracy_view((y_pred, y)))
 
     def _started(self, engine: Engine) -> None:
         self._group, self._group_elements, self._restored = [], 0, False

@@ -32,7 +32,7 @@ from handlers.console import ConsoleLogger, quiet_ignite, write_line
 from handlers.early_stopping import EarlyStopping
 from handlers.history import History, write_json_atomic
 from handlers.lr_schedule import LRSchedule
-from handlers.metrics import TrainMetrics
+from handlers.metrics import AccuracyView, TrainMetrics
 from handlers.model_summary import ModelSummary, summary_line
 from handlers.nan_guard import NanGuard
 from handlers.profile import Profile
@@ -260,6 +260,7 @@ def attach_run(
     name: str = "run",
     extra_config: Mapping[str, Any] | None = None,
     train_loss_fn: Callable | None = None,
+    accuracy_view: AccuracyView | None = None,
 ) -> Run:
     """Attach every default handler to ``trainer`` and ``evaluator``, then resume if asked; one call.
 
@@ -283,8 +284,11 @@ def attach_run(
         extra_config: more entries for ``config.json`` (the device, ...).
         train_loss_fn: ``train_loss`` as this function of the step's logits and targets, not the
             step's own loss (``fit``: the plain cross-entropy when the training loss smooths labels).
+        accuracy_view: how the accuracies and the confusion matrix read outputs and targets
+            (:class:`~handlers.metrics.AccuracyView`: labels, soft labels, per-label binary).
     """
     settings.check()
+    view = accuracy_view or AccuracyView()
     quiet_ignite()  # before Ignite's handlers are built: they set up their loggers then
     for key in ("model", "optimizer"):
         if key not in to_save:
@@ -305,7 +309,7 @@ def attach_run(
         if settings.resume is None and failed_start(out):
             _clear_failed_start(out)
     try:
-        _attach_handlers(run, to_save, val_loader, handlers, train_loss_fn)
+        _attach_handlers(run, to_save, val_loader, handlers, train_loss_fn, view)
         _resume(run, resume_state)
         run.config = {**settings.to_dict(), **(extra_config or {}), "output_dir": str(out), "world_size": world,
                       "monitor": run.monitor, "mode": run.mode}
@@ -315,7 +319,8 @@ def attach_run(
             write_json_atomic(out / "config.json", run.config)
         # every rank collects (the counts are summed over ranks); rank 0 writes, after the resume,
         # purging what a killed run logged after its checkpoint
-        collector = MisclassifiedCollector().attach(evaluator) if settings.tensorboard and classification else None
+        collector = (MisclassifiedCollector(view=view).attach(evaluator)
+                     if settings.tensorboard and classification and not view.per_label else None)
         if settings.tensorboard and rank == 0:
             iteration = trainer.state.iteration
             run.tensorboard = TensorBoardLogging(
@@ -344,9 +349,10 @@ def _record_summary(run: Run, info: dict[str, Any]) -> None:
 
 
 def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable, handlers: Sequence[Any],
-                     train_loss_fn: Callable | None = None) -> None:
+                     train_loss_fn: Callable | None = None, accuracy_view: AccuracyView | None = None) -> None:
     s, trainer, evaluator = run.settings, run.trainer, run.evaluator
-    run.train_metrics = TrainMetrics(accuracy=run.classification, loss_fn=train_loss_fn).attach(trainer)
+    run.train_metrics = TrainMetrics(accuracy=run.classification, loss_fn=train_loss_fn,
+                                     accuracy_view=accuracy_view).attach(trainer)
     Validation(evaluator, val_loader, every=s.val_every, watched={"monitor": run.monitor}).attach(trainer)
     run.lr_schedule = LRSchedule(s.scheduler, to_save["optimizer"], epochs=s.epochs, epoch_length=_epoch_length(run),
                                  warmup_epochs=s.warmup_epochs, metric=run.monitor, mode=run.mode).attach(trainer)

@@ -51,13 +51,15 @@ class MisclassifiedCollector:
     """Keeps the first ``limit`` misclassified samples of each evaluator run, and its confusion counts
     (summed over processes in a distributed run). ``num_classes``: default, the width of the logits."""
 
-    def __init__(self, num_classes: int | None = None, limit: int = 64) -> None:
+    def __init__(self, num_classes: int | None = None, limit: int = 64,
+                 view: Callable[[Any], tuple[Any, Any]] | None = None) -> None:
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}")
         if not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
         self.num_classes = num_classes
         self.limit = limit
+        self.view = view  # (y_pred, y) -> (y_pred, labels): soft labels by their most likely class
         self.images: list[torch.Tensor] = []
         self.labels: list[tuple[int, int]] = []
         self.confusion = torch.zeros(num_classes or 0, num_classes or 0, dtype=torch.long)
@@ -78,7 +80,7 @@ class MisclassifiedCollector:
         self.confusion.zero_()
 
     def update(self, engine: Engine) -> None:
-        y_pred, y = engine.state.output
+        y_pred, y = self.view(engine.state.output) if self.view is not None else engine.state.output
         if not self.confusion.numel():  # first batch: the logits say how many classes, unless given
             self.num_classes = self.num_classes or y_pred.shape[1]
             self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)

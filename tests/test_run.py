@@ -164,3 +164,35 @@ def test_limit_val_batches_validates_on_the_first_batches_only(tmp_path, form):
     assert result.exit_code == 0 and [row["val_samples"] for row in result.history] == [90, 90]
     with pytest.raises(ConfigError, match="limit_val_batches must be a positive integer, got 0"):
         RunSettings(limit_val_batches=0)
+
+
+def _targets(kind: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation targets of ``kind``, and the validation labels the accuracy compares with."""
+    labels = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # 3 classes
+    if kind == "soft":  # mixup-like soft labels for training, class labels for validation
+        return nn.functional.one_hot(labels, 3).float() * 0.8 + 0.2 / 3, labels
+    bits = (x[:, :3] > 0).float() if kind == "multilabel" else (x[:, :1] > 0).float()
+    return bits, bits
+
+
+@pytest.mark.parametrize("kind, outputs, loss_fn", [
+    ("soft", 3, None), ("multilabel", 3, nn.BCEWithLogitsLoss()), ("binary", 1, nn.BCEWithLogitsLoss()),
+])  # fmt: skip
+def test_soft_multilabel_and_binary_targets_get_the_accuracy_they_mean(tmp_path, kind, outputs, loss_fn):
+    seed_everything(0)
+    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+    y, val_y = _targets(kind, x)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, outputs))
+    result = fit(model, (x, y), (x, val_y), RunSettings(output_dir=str(tmp_path / "r"), epochs=4, lr=1e-2,
+                                                        batch_size=32, progress=False, log_every=0),
+                 loss_fn=loss_fn)  # fmt: skip
+    with torch.no_grad():
+        out = model(x)
+    right = out.argmax(1) == val_y if kind == "soft" else (out > 0) == (val_y > 0.5)  # every label counts
+    last = result.history[-1]
+    assert last["val_accuracy"] == pytest.approx(right.float().mean().item()) and last["val_accuracy"] > 0.7
+    assert 0.5 < last["train_accuracy"] <= 1
+    acc = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert len(acc.Scalars("accuracy/val")) == 4
+    assert any("confusion" in tag for tag in acc.Tags()["images"]) == (kind == "soft")  # labels: a matrix

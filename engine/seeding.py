@@ -70,6 +70,21 @@ class SeededDataset(Dataset):
 
 
 @contextlib.contextmanager
+def seeded_globals(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Within this block torch's CPU generator (and ``device``'s, if CUDA), Python's and NumPy's are
+    seeded from ``seed``; afterwards they are as they were (what a batch transform drawing from the
+    global generators, as torchvision's ``v2.MixUp`` does, needs to draw the same again on resume)."""
+    device = torch.device(device) if device is not None else None
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device is not None and device.type == "cuda" else []  # fmt: skip
+    with torch.random.fork_rng(devices=cuda):
+        if cuda:
+            torch.cuda.manual_seed(seed)
+        with _seeded(seed):
+            yield
+
+
+@contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Torch's CPU, Python's and NumPy's global generators seeded; in the main process, put back after."""
     if get_worker_info() is not None:  # a worker's generators are its own

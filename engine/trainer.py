@@ -12,7 +12,7 @@ from engine.amp import autocast_context, make_grad_scaler
 from engine.device import prepare_batch as default_prepare_batch
 from engine.device import resolve_device
 from engine.errors import ConfigError
-from engine.seeding import batch_generator
+from engine.seeding import batch_generator, mix_seed, seeded_globals
 
 __all__ = ["TrainStep", "check_prediction", "create_trainer", "predict"]
 
@@ -32,6 +32,9 @@ class TrainStep:
     ``output_transform(x, y, y_pred) -> (y_pred, y)``: what the training metrics see.
     ``batch_transform(x, generator) -> x`` augments the batch on the device, drawing from a
     generator seeded from ``(seed, epoch, iteration)`` (:mod:`engine.transforms`).
+    ``pair_transform(x, y) -> (x, y)`` then transforms inputs and targets together (torchvision's
+    ``v2.MixUp`` / ``v2.CutMix``: soft targets), the global generators it draws from seeded from
+    ``(seed, epoch, iteration)`` for the call and put back after (:func:`engine.seeding.seeded_globals`).
     """
 
     def __init__(
@@ -52,10 +55,12 @@ class TrainStep:
         model_transform: Callable[[Any], torch.Tensor] | None = None,
         output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
         batch_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        pair_transform: Callable[[Any, Any], tuple[Any, Any]] | None = None,
         seed: int = 0,
     ) -> None:
         for name, fn in (("prepare_batch", prepare_batch), ("model_transform", model_transform),
-                         ("output_transform", output_transform), ("batch_transform", batch_transform)):
+                         ("output_transform", output_transform), ("batch_transform", batch_transform),
+                         ("pair_transform", pair_transform)):
             if fn is not None and not callable(fn):
                 raise ConfigError(f"{name} must be callable, got {type(fn).__name__}")
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
@@ -79,6 +84,7 @@ class TrainStep:
         self.model_transform = model_transform
         self.output_transform = output_transform
         self.batch_transform = batch_transform
+        self.pair_transform = pair_transform
         self.seed = seed
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._wrapped = _innermost(model)
@@ -92,6 +98,9 @@ class TrainStep:
         iteration = engine.state.iteration
         if self.batch_transform is not None:
             x = self.batch_transform(x, batch_generator(self.seed, engine.state.epoch, iteration, x.device))
+        if self.pair_transform is not None:
+            with seeded_globals(mix_seed(self.seed, engine.state.epoch, iteration, 1), self.device):
+                x, y = self.pair_transform(x, y)
         if self.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if acc == 1 or (iteration - 1) % acc == 0:
@@ -189,6 +198,7 @@ def create_trainer(
     model_transform: Callable[[Any], torch.Tensor] | None = None,
     output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
     batch_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    pair_transform: Callable[[Any, Any], tuple[Any, Any]] | None = None,
     seed: int = 0,
 ) -> Engine:
     """Build the trainer: a plain Ignite ``Engine`` running :class:`TrainStep` on each batch.
@@ -196,8 +206,8 @@ def create_trainer(
     The model is moved to ``device`` (automatic: CUDA, then MPS, then CPU). ``amp`` is ``"bf16"``,
     ``"fp16"`` (with a ``GradScaler``, created when not given) or ``None``. Gradients are accumulated
     over ``accumulation_steps`` batches and, if ``clip_grad_norm`` is set, clipped to that L2 norm.
-    ``prepare_batch``, ``model_transform``, ``output_transform``, ``batch_transform`` and ``seed``:
-    see :class:`TrainStep`.
+    ``prepare_batch``, ``model_transform``, ``output_transform``, ``batch_transform``,
+    ``pair_transform`` and ``seed``: see :class:`TrainStep`.
     The step object is ``engine.train_step``; the scaler, if any, ``engine.scaler`` (checkpoint it).
 
     Example:
@@ -230,6 +240,7 @@ def create_trainer(
         model_transform=model_transform,
         output_transform=output_transform,
         batch_transform=batch_transform,
+        pair_transform=pair_transform,
         seed=seed,
     )
     engine = Engine(step)

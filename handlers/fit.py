@@ -325,6 +325,7 @@ def build_run(
     name: str = "run",
     extra_config: Mapping[str, Any] | None = None,
     train_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    pair_transform: Callable[[Any, Any], tuple[Any, Any]] | None = None,
     prepare_batch: Callable[[Any, torch.device, bool], tuple[Any, Any]] | None = None,
     model_transform: Callable[[Any], torch.Tensor] | None = None,
     output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
@@ -362,7 +363,8 @@ def build_run(
     if settings.find_lr or settings.lr == "find":
         finder = _run_lr_finder(run_model, optimizer, loss_fn, train_loader, settings, device, amp,
                                 dict(prepare_batch=prepare_batch, model_transform=model_transform,
-                                     output_transform=output_transform, batch_transform=train_transform))
+                                     output_transform=output_transform, batch_transform=train_transform,
+                                     pair_transform=pair_transform))
         if settings.find_lr:
             return _FinderOnly(finder, settings, name)
         if finder.suggestion is None:
@@ -377,7 +379,7 @@ def build_run(
                              grad_norm_every=settings.log_every if settings.tensorboard else 0,
                              channels_last=settings.channels_last, prepare_batch=prepare_batch,
                              model_transform=model_transform, output_transform=output_transform,
-                             batch_transform=train_transform, seed=settings.seed)
+                             batch_transform=train_transform, pair_transform=pair_transform, seed=settings.seed)
     if ema is not None:  # before the checkpoints: a save at an iteration holds that iteration's average
         ema.attach(trainer, name="ema_momentum")
 
@@ -402,6 +404,7 @@ def build_run(
                       classification=classification, handlers=handlers, denormalize=denormalize, name=name,
                       extra_config={"device": str(device), "precision": amp or "fp32",
                                     **({"train_transform": repr(train_transform)} if train_transform else {}),
+                                    **({"pair_transform": repr(pair_transform)} if pair_transform else {}),
                                     **({"lr_finder": {"suggestion": finder.suggestion, "range": list(finder.tried)}}
                                        if finder is not None else {}),
                                     **(extra_config or {})},
@@ -444,6 +447,10 @@ def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None =
         train_transform: a batch transform ``fn(x, generator) -> x`` applied to each training batch
             on the device (e.g. ``engine.transforms.Compose(RandomCrop(4), RandomHorizontalFlip())``),
             its draws seeded from ``(seed, epoch, iteration)``; the evaluator never sees it.
+        pair_transform: ``fn(x, y) -> (x, y)`` on each training batch after ``train_transform``:
+            torchvision's ``v2.MixUp(num_classes=C)`` or ``v2.CutMix(num_classes=C)`` (soft targets:
+            the training accuracy counts their most likely class), its draws from the global
+            generators seeded from ``(seed, epoch, iteration)`` and put back after: exact on resume.
         prepare_batch: ``fn(batch, device, non_blocking) -> (x, y)`` (default: a pair, or a dict
             with a ``label``/``labels``/``target``/``targets``/``y`` key).
         model_transform: ``fn(model_output) -> y_pred``, for a model returning a dict or a tuple.

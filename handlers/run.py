@@ -22,7 +22,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from engine.distributed import PerRank
-from engine.epoch import mid_epoch
+from engine.epoch import batch_in_epoch, mid_epoch
 from engine.errors import EXIT_NAN, EXIT_OK, ConfigError, param
 from engine.run_lock import RunLock
 from engine.settings import RunSettings
@@ -417,4 +417,15 @@ def _resume(run: Run, resume_state: tuple[Path, dict] | None) -> None:
     restore(run.to_save, state, path)
     run.checkpoint.load_bookkeeping(state, path)
     run.resumed_from = path
-    write_line(f"Resumed from {path} (epoch {run.trainer.state.epoch}, iteration {run.trainer.state.iteration})")
+    write_line(f"Resumed from {path} ({_place(run.trainer.state)})")
+
+
+def _place(state: Any) -> str:
+    """Where a restored trainer stands, in the words of the epochs it prints: ``epoch 2, 4 of its 8
+    batches done, iteration 12`` (Ignite's ``state.epoch`` counts the epochs completed), or ``end of
+    epoch 1, iteration 8``."""
+    done, length = batch_in_epoch(state), state.epoch_length
+    if not done:
+        return f"end of epoch {state.epoch}, iteration {state.iteration}"
+    of = f" of its {length}" if length else ""
+    return f"epoch {state.epoch + 1}, {done}{of} batches done, iteration {state.iteration}"

@@ -196,3 +196,47 @@ def test_soft_multilabel_and_binary_targets_get_the_accuracy_they_mean(tmp_path,
     acc.Reload()
     assert len(acc.Scalars("accuracy/val")) == 4
     assert any("confusion" in tag for tag in acc.Tags()["images"]) == (kind == "soft")  # labels: a matrix
+
+
+def test_seeded_globals_draw_the_same_for_a_seed_and_put_the_generators_back():
+    import random
+
+    import numpy as np
+
+    from engine.seeding import seeded_globals
+
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    draws = []
+    for seed in (5, 5, 6):
+        with seeded_globals(seed, "cpu"):
+            draws.append((torch.rand(3).tolist(), random.random(), float(np.random.rand())))
+    assert draws[0] == draws[1] != draws[2]
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert (np.random.get_state()[1] == before[2]).all()
+
+
+def test_cutmix_and_mixup_as_a_pair_transform_train_and_resume_exactly_after_a_crash(tmp_path, capsys):
+    from torchvision.transforms import v2
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(192, 3, 8, 8, generator=g), torch.randint(0, 4, (192,), generator=g)
+
+    def run(name: str, handlers=(), **kw):
+        seed_everything(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(), nn.Linear(288, 4))
+        mix = v2.RandomChoice([v2.CutMix(num_classes=4), v2.MixUp(num_classes=4)])  # torch's global RNG
+        return fit(net, (x, y), (x, y), RunSettings(output_dir=str(tmp_path / name), epochs=3, batch_size=32,
+                                                    save_every_iters=4, progress=False, log_every=0,
+                                                    tensorboard=False, **kw),
+                   pair_transform=mix, handlers=handlers), net  # fmt: skip
+
+    straight, straight_net = run("straight")
+    with pytest.raises(RuntimeError, match="crash"):
+        run("crashed", handlers=[Crash(10)])  # 6 batches an epoch: saved at 8, in epoch 2
+    capsys.readouterr()
+    resumed, resumed_net = run("crashed", resume="auto")
+    assert "(epoch 2, 2 of its 6 batches done, iteration 8)" in capsys.readouterr().out
+    assert figures(resumed.history) == figures(straight.history)
+    a, b = straight_net.state_dict(), resumed_net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert 0 < straight.history[-1]["train_accuracy"] < 1  # soft targets, read by their most likely class

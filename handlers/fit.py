@@ -40,10 +40,10 @@ from engine.device import available_memory
 from engine.device import prepare_batch as default_prepare_batch
 from engine.seeding import SeededDataset
 from engine.stream import StreamLoader, WorkerShardCheck, is_stateful_stream, make_stream_loader
-from handlers.console import write_line
-from handlers.metrics import AccuracyView, SampleCount
 from handlers.adapters import stream_progress
+from handlers.console import write_line
 from handlers.lr_finder import LRFinder
+from handlers.metrics import AccuracyView, SampleCount
 from handlers.run import Run, RunResult, attach_run, check_output_dir, data_order
 from handlers.validation import Validation
 

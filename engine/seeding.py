@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -43,18 +44,20 @@ class SeededDataset(Dataset):
     size)`` and the batch's samples draw in order, so which worker fetches a batch, and how many it
     fetched before, changes nothing. In the main process (``num_workers=0``) the generators are put
     back afterwards: the model's own randomness (dropout) does not depend on the data's. Only torch's
-    CPU generator is seeded: transforms in ``__getitem__`` run on the CPU.
+    CPU generator is seeded: transforms in ``__getitem__`` run on the CPU. ``fetch_seconds``: the
+    time spent fetching in this process (the main one's is the training's wait when ``num_workers=0``).
     """
 
     def __init__(self, dataset: Dataset, seed: int = 0) -> None:
         self.dataset = dataset
         self.seed = int(seed)
+        self.fetch_seconds = 0.0
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:  # the user's attributes (classes, targets, ...) stay reachable
-        if name in ("dataset", "seed") or name.startswith("__"):
+        if name in ("dataset", "seed", "fetch_seconds") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -64,9 +67,13 @@ class SeededDataset(Dataset):
     def __getitems__(self, keys: list) -> list:
         epoch, first = keys[0] if isinstance(keys[0], tuple) else (-1, keys[0])
         indices = [k[1] for k in keys] if isinstance(keys[0], tuple) else list(keys)
-        with _seeded(mix_seed(self.seed, epoch, first, len(indices))):
-            many = getattr(self.dataset, "__getitems__", None)
-            return list(many(indices)) if callable(many) else [self.dataset[i] for i in indices]
+        start = time.perf_counter()
+        try:
+            with _seeded(mix_seed(self.seed, epoch, first, len(indices))):
+                many = getattr(self.dataset, "__getitems__", None)
+                return list(many(indices)) if callable(many) else [self.dataset[i] for i in indices]
+        finally:
+            self.fetch_seconds += time.perf_counter() - start
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ from engine.seeding import SeededDataset
 from engine.stream import StreamLoader, WorkerShardCheck, is_stateful_stream, make_stream_loader
 from handlers.adapters import stream_progress
 from handlers.console import write_line
+from handlers.data_wait import DataWaitHint
 from handlers.lr_finder import LRFinder
 from handlers.metrics import AccuracyView, SampleCount
 from handlers.run import Run, RunResult, attach_run, check_output_dir, data_order
@@ -418,6 +419,8 @@ def build_run(
         return None
 
     run.explain = explain
+    if isinstance(train_loader, DataLoader) and train_loader.num_workers == 0 and idist.get_rank() == 0:
+        DataWaitHint(train_loader.dataset, log=write_line).attach(trainer)
     if finder is not None and idist.get_rank() == 0:
         finder.write(run.output_dir, tensorboard=settings.tensorboard)
     if ema is not None:  # the raw weights' scores beside the average's: val_raw_loss, val_raw_accuracy

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import time
 
 import pytest
 import torch
@@ -339,3 +340,34 @@ def test_sample_weights_are_refused_for_a_stream_in_one_line(tmp_path):
                                           r"\(IterableDataset\) is read in its own order"):
         fit(flat_net(3, 2), Stream(20), Stream(10), RunSettings(output_dir=str(tmp_path / "r"), **QUIET),
             sample_weights=torch.ones(20))
+
+
+class SlowSamples(Dataset):
+    """``delay`` seconds a sample, as decoding files is."""
+
+    def __init__(self, n: int, delay: float) -> None:
+        self.x, self.y, self.delay = torch.randn(n, 4), torch.arange(n) % 2, delay
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        time.sleep(self.delay)
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("delay, workers, said", [(0.004, 0, True), (0.0, 0, False), (0.004, 2, False)])
+def test_a_training_that_waits_on_its_loading_says_so_once_after_the_first_epoch(tmp_path, capsys, monkeypatch,
+                                                                                   delay, workers, said):
+    from handlers.data_wait import DataWaitHint
+
+    monkeypatch.setattr(DataWaitHint, "MIN_SECONDS", 0.2)  # (2 s by default)
+    result = fit(flat_net(4, 2), SlowSamples(96, delay), SlowSamples(16, 0.0),
+                 RunSettings(output_dir=str(tmp_path / "r"), epochs=2, batch_size=16, num_workers=workers, **QUIET))
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("Loading samples took ")]
+    assert result.exit_code == 0 and len(lines) == said, out
+    if said:
+        assert re.fullmatch(r"Loading samples took \d+% of epoch 1 \([\d.]+ of [\d.]+ s\) in the training process: "
+                            r"num_workers=\d would load the next batches while the model trains \(the same "
+                            r"batches: their draws do not depend on the workers\)", lines[0]), lines[0]

@@ -24,6 +24,7 @@ from handlers.rng import RNGState, seed_everything
 from handlers.validation import Validation
 from handlers.run import Run, RunResult, attach_run
 from handlers.fit import build_run, fit, make_loaders, make_optimizer
+from handlers.evaluate import evaluate, predict
 
 __all__ = [
     "ConsoleLogger",
@@ -47,6 +48,7 @@ __all__ = [
     "attach_ordered",
     "attach_run",
     "build_run",
+    "evaluate",
     "fit",
     "find_resume_checkpoint",
     "last_checkpoints",
@@ -54,6 +56,7 @@ __all__ = [
     "make_loaders",
     "make_optimizer",
     "ordered_handlers",
+    "predict",
     "progress_wanted",
     "restore",
     "seed_everything",

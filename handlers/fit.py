@@ -207,12 +207,7 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
     batch, limit, seed = settings.batch_size // world, settings.limit_train_batches, settings.seed
     workers = settings.num_workers
     kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    if collate_fn is not None:
-        if settings.data_path == "memory":
-            raise ConfigError(f"a collate_fn makes batches on the loader path; {param('data_path', 'memory')} slices "
-                              f"tensors instead: use {param('data_path', 'auto')} or {param('data_path', 'loader')}")
-        kw["collate_fn"] = collate_fn
-        settings = dataclasses.replace(settings, data_path="loader")  # a stream stays a stream
+    settings = _with_collate(settings, kw, collate_fn)
     route = data_route(train, settings.data_path)
     _check_not_empty(train, "training")
     if sample_weights is not None and route == "stream":
@@ -246,6 +241,17 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
     return train_loader, _val_loader(val, settings, device, rank, world, kw)
 
 
+def _with_collate(settings: RunSettings, kw: dict, collate_fn: Callable[[list], Any] | None) -> RunSettings:
+    """``collate_fn`` into the loaders' ``kw``; the settings with tensors sent down the loader path."""
+    if collate_fn is None:
+        return settings
+    if settings.data_path == "memory":
+        raise ConfigError(f"a collate_fn makes batches on the loader path; {param('data_path', 'memory')} slices "
+                          f"tensors instead: use {param('data_path', 'auto')} or {param('data_path', 'loader')}")
+    kw["collate_fn"] = collate_fn
+    return dataclasses.replace(settings, data_path="loader")  # a stream stays a stream
+
+
 def _lone_last(samples: int, batch: int, max_batches: int | None) -> bool:
     """Whether an epoch of ``samples`` in batches of ``batch`` ends in a batch of one (then said, in a line)."""
     lone = samples % batch == 1 and batch > 1 and (max_batches is None or max_batches > samples // batch)
@@ -277,20 +283,21 @@ def _say_read_again(loader_state: Mapping[str, Any]) -> None:
                    f"consumed, to continue where it stopped")
 
 
-def _val_loader(val: Data, settings: RunSettings, device: torch.device, rank: int, world: int, kw: dict) -> Any:
-    route = data_route(val, settings.data_path, "validation")
-    _check_not_empty(val, "validation")
-    pair = _tensor_pair(val, "validation")
+def _val_loader(val: Data, settings: RunSettings, device: torch.device, rank: int, world: int, kw: dict,
+                name: str = "validation") -> Any:  # fmt: skip
+    route = data_route(val, settings.data_path, name)
+    _check_not_empty(val, name)
+    pair = _tensor_pair(val, name)
     keep = settings.limit_val_batches and settings.limit_val_batches * settings.val_batch_size  # samples, global
     if route == "memory":
-        vx, vy = pair or read_into_memory(val, "validation", device)
+        vx, vy = pair or read_into_memory(val, name, device)
         return InMemoryLoader(vx[:keep or None], vy[:keep or None], settings.val_batch_size, shuffle=False,
                               device=device, rank=rank, world_size=world)
     order = torch.Generator().manual_seed(settings.seed)  # not the global RNG: the model's dropout draws from it
     if route == "stream":
         stream: Any = DataLoader(val, batch_size=settings.val_batch_size, generator=order, **kw)
         if settings.num_workers > 1:
-            stream = WorkerShardCheck(stream)
+            stream = WorkerShardCheck(stream, name)
         return _FirstBatches(stream, settings.limit_val_batches) if keep else stream
     val_set = SeededDataset(val if isinstance(val, Dataset) else TensorDataset(*pair), settings.seed)
     if keep and keep < len(val_set):
@@ -298,6 +305,16 @@ def _val_loader(val: Data, settings: RunSettings, device: torch.device, rank: in
     if world > 1:
         val_set = Subset(val_set, range(rank, len(val_set), world))
     return DataLoader(val_set, batch_size=settings.val_batch_size, shuffle=False, generator=order, **kw)
+
+
+def eval_loader(data: Data, settings: RunSettings, device: torch.device,
+                collate_fn: Callable[[list], Any] | None = None, name: str = "test") -> Any:  # fmt: skip
+    """A loader of ``data`` (tensors, a ``Dataset`` or a stream) as the validation's is made: the stored
+    order, batches of ``settings.val_batch_size``, this process's shard; named ``name`` in errors."""
+    workers = settings.num_workers
+    kw: dict[str, Any] = dict(num_workers=workers, pin_memory=device.type == "cuda")
+    settings = _with_collate(settings, kw, collate_fn)
+    return _val_loader(data, settings, device, idist.get_rank(), idist.get_world_size(), kw, name)
 
 
 class _FirstBatches:

@@ -1,0 +1,142 @@
+"""After training: a model's scores on a held-out test set (:func:`evaluate`) and its outputs on new
+data (:func:`predict`), from a checkpoint if given, the data taken as :func:`fit` takes it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from ignite.metrics import Accuracy, Loss, Metric
+from torch import nn
+
+from engine.amp import autocast_context, resolve_amp
+from engine.checks import check_first_batches, input_mismatch
+from engine.device import prepare_batch as default_prepare_batch
+from engine.device import split_batch, to_device
+from engine.errors import ConfigError
+from engine.evaluator import create_evaluator
+from engine.settings import RunSettings
+from engine.trainer import predict as forward
+from handlers.checkpoint import load_checkpoint
+from handlers.console import write_line
+from handlers.fit import Data, eval_loader, run_device
+from handlers.metrics import AccuracyView, SampleCount
+
+__all__ = ["evaluate", "predict"]
+
+
+def _ready(model: nn.Module, settings: RunSettings | None, checkpoint: str | Path | None,
+           ) -> tuple[RunSettings, torch.device, str | None]:  # fmt: skip
+    """The settings checked, the model on its device in eval mode, the checkpoint's weights loaded."""
+    settings = (settings or RunSettings()).check()
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)  # verified: a damaged file is one line
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"checkpoint {checkpoint} holds another model's weights ({first}): build the model "
+                              f"as the run that saved it did") from exc
+    device = run_device(settings)
+    model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.eval()
+    return settings, device, resolve_amp(settings.amp, device, log=write_line)
+
+
+def evaluate(
+    model: nn.Module,
+    data: Data,
+    settings: RunSettings | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    classification: bool = True,
+    metrics: Mapping[str, Metric] | None = None,
+    prepare_batch: Callable[[Any, torch.device, bool], tuple[Any, Any]] | None = None,
+    model_transform: Callable[[Any], torch.Tensor] | None = None,
+    output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
+    collate_fn: Callable[[list], Any] | None = None,
+) -> dict[str, Any]:
+    """The model's ``loss`` (per-sample mean), ``accuracy`` (classification), your ``metrics`` and
+    ``samples`` on ``data`` (a pair of tensors, a ``Dataset`` or a stream), as the validation of
+    :func:`fit` computes them: batches of ``settings.val_batch_size``, eval mode, no gradient, every
+    sample once (in a distributed run, each process its share; the metrics are summed over them).
+
+    ``checkpoint``: a file of a run (``RunResult.best_path``: the weights it validated best, the
+    average of an EMA run) loaded into ``model`` first, verified. The other arguments are
+    :func:`fit`'s; the first samples are checked against the model as :func:`fit` checks them.
+    """
+    settings, device, amp = _ready(model, settings, checkpoint)
+    loader = eval_loader(data, settings, device, collate_fn)
+    if loss_fn is None:
+        loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()
+    check_first_batches(model, {"test": loader}, prepare_batch=prepare_batch or default_prepare_batch,
+                        model_transform=model_transform, loss_fn=loss_fn, classification=classification,
+                        device=device, amp=amp)  # fmt: skip
+    scores: dict[str, Metric] = {"loss": Loss(loss_fn)}
+    if classification:
+        scores["accuracy"] = Accuracy(output_transform=AccuracyView(loss_fn))
+    scores.update({**(metrics or {}), "samples": SampleCount()})
+    evaluator = create_evaluator(model, scores, device=device, amp=amp, channels_last=settings.channels_last,
+                                 prepare_batch=prepare_batch, model_transform=model_transform,
+                                 output_transform=output_transform)  # fmt: skip
+    evaluator.run(loader)
+    return dict(evaluator.state.metrics)
+
+
+def _inputs(batch: Any) -> Any:
+    """A batch's inputs: the first of a pair, what a dict holds besides its target, or the batch itself."""
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        return split_batch(batch)[0]
+    return batch
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    data: torch.Tensor | Data,
+    settings: RunSettings | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    prepare_batch: Callable[[Any, torch.device, bool], tuple[Any, Any]] | None = None,
+    model_transform: Callable[[Any], torch.Tensor] | None = None,
+    collate_fn: Callable[[list], Any] | None = None,
+) -> torch.Tensor:
+    """The model's outputs on ``data``, in its order, as one float tensor on the CPU (``[N, C]``
+    logits for a classifier: ``.argmax(1)`` are the classes, ``.softmax(1)`` the probabilities).
+
+    ``data``: a tensor of inputs, a pair ``(inputs, targets)``, or a ``Dataset`` / stream whose samples
+    are inputs or ``(input, target)`` pairs (targets are not used). Batches of
+    ``settings.val_batch_size``, eval mode, no gradient, in one process. ``checkpoint``,
+    ``prepare_batch``, ``model_transform`` and ``collate_fn``: as for :func:`evaluate`.
+    """
+    import ignite.distributed as idist
+
+    if idist.get_world_size() > 1:
+        raise ConfigError("predict runs in one process: call it outside the distributed run, or on rank 0 alone")
+    settings, device, amp = _ready(model, settings, checkpoint)
+    if isinstance(data, torch.Tensor):
+        data = (data, torch.zeros(len(data)))  # the targets are not read
+    loader = eval_loader(data, settings, device, collate_fn, name="prediction")
+    outputs = []
+    for batch in loader:
+        x = prepare_batch(batch, device, False)[0] if prepare_batch else to_device(_inputs(batch), device)
+        if settings.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp):
+            try:
+                y_pred = forward(model, x, model_transform)
+            except (RuntimeError, TypeError) as exc:  # the inputs' type or layout: one line, as fit says it
+                message = input_mismatch(model, x, exc, "prediction")
+                if message is None:
+                    raise
+                raise ConfigError(message) from exc
+        outputs.append(y_pred.float().cpu())
+    if not outputs:
+        raise ConfigError("the prediction data yielded no batch: there is nothing to predict")
+    return torch.cat(outputs)

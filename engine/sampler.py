@@ -41,8 +41,9 @@ def draw_order(num_samples: int, generator: torch.Generator, weights: torch.Tens
 
 
 class ResumableRandomSampler(Sampler[int]):
-    """Random order (or weighted draws) from its own ``torch.Generator`` (not the global RNG), at most ``max_samples`` per
-    epoch, and a ``state_dict()`` that lets a resumed run hand out the same remaining indices.
+    """Random order (or weighted draws) from its own ``torch.Generator`` (not the global RNG), at most
+    ``max_samples`` per epoch, and a ``state_dict()`` that lets a resumed run hand out the same
+    remaining indices.
 
     A ``DataLoader`` prefetches, so the sampler itself cannot know how many of its indices the
     *trainer* has consumed: :meth:`attach` it to the trainer (with the loader's batch size), and its

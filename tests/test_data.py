@@ -156,8 +156,9 @@ def test_weighted_draws_follow_the_weights_and_continue_exactly(stop_at):
 
 @pytest.mark.parametrize("weights, match", [
     (torch.ones(102), "sample_weights must hold one number per training sample: 103 samples, got 102"),
-    (torch.ones(103, 1), r"sample_weights must hold one number per training sample: 103 samples, got a shape \[103, 1\]"),
-    (torch.ones(103).index_fill(0, torch.tensor([7]), -1.0), "sample_weights must be finite and >= 0: sample 7's is -1.0"),
+    (torch.ones(103, 1), r"one number per training sample: 103 samples, got a shape \[103, 1\]"),
+    (torch.ones(103).index_fill(0, torch.tensor([7]), -1.0), "sample_weights must be finite and >= 0: sample 7's is "
+                                                             "-1.0"),
     (torch.ones(103).index_fill(0, torch.tensor([9]), float("nan")), "must be finite and >= 0: sample 9's is nan"),
     (torch.zeros(103), "sample_weights are all 0: no sample could be drawn"),
     (["a"] * 103, "sample_weights must be numbers, one per training sample"),

@@ -15,8 +15,8 @@ from engine.data import InMemoryLoader
 from engine.device import tensors_in
 from engine.errors import ConfigError
 
-__all__ = ["check_batch", "check_first_batches", "check_targets", "diagnose", "has_batch_norm", "input_mismatch",
-           "peek_batch", "pixel_scale", "probability_outputs", "unregistered"]
+__all__ = ["check_batch", "check_first_batches", "check_targets", "class_balance", "diagnose", "has_batch_norm",
+           "input_mismatch", "peek_batch", "pixel_scale", "probability_outputs", "unregistered"]
 
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
 
@@ -180,6 +180,26 @@ def pixel_scale(x: Any, name: str) -> str | None:
         return (f"The {name} set's inputs range from {low:.2g} to {high:.2g}, pixels divided by 255 twice (ToTensor() "
                 f"already scales to [0, 1]): divide once")
     return None
+
+
+def class_balance(labels: Any, name: str = "training") -> str | None:
+    """A line when a set's class labels are imbalanced (the most common class at least 5 times the
+    least common one present), naming both and the ``sample_weights`` that draws them evenly."""
+    try:
+        y = torch.as_tensor(labels).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if y.numel() == 0 or y.is_floating_point() or y.dtype == torch.bool or y.min() < 0:
+        return None
+    counts = torch.bincount(y.long().cpu())
+    present = counts[counts > 0]
+    if len(present) < 2 or present.max() < 5 * present.min():
+        return None
+    big, small = int(counts.argmax()), int(torch.where(counts > 0, counts, counts.max() + 1).argmin())
+    n, most = int(counts[big]), counts[big] / y.numel()
+    return (f"The {name} set's classes are imbalanced: class {big} has {n} samples ({most:.1%}), class {small} "
+            f"{int(counts[small])} (a model always answering {big} is {most:.1%} right): fit(..., "
+            f"sample_weights=(1 / torch.bincount(y).double())[y]) draws every class equally often")
 
 
 def probability_outputs(y_pred: Any, loss_fn: Callable) -> str | None:

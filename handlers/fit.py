@@ -35,7 +35,7 @@ from engine import (
     resolve_device,
 )
 from engine.amp import resolve_amp
-from engine.checks import check_batch, check_first_batches, has_batch_norm, unregistered
+from engine.checks import check_batch, check_first_batches, class_balance, has_batch_norm, unregistered
 from engine.device import available_memory
 from engine.device import prepare_batch as default_prepare_batch
 from engine.seeding import SeededDataset
@@ -241,6 +241,18 @@ def make_loaders(train: Data, val: Data, settings: RunSettings, device: torch.de
     return train_loader, _val_loader(val, settings, device, rank, world, kw)
 
 
+def _labels_of(loader: Any) -> Any:
+    """Every class label of a training set, where it is known without reading the samples: tensors
+    held in memory, or a dataset's ``targets`` (torchvision's sets keep them there); else ``None``."""
+    if isinstance(loader, InMemoryLoader):
+        return loader.y
+    dataset = getattr(loader, "dataset", None)
+    targets = getattr(dataset, "targets", None) if dataset is not None else None
+    if isinstance(targets, (list, torch.Tensor)) and len(targets) == len(dataset):
+        return targets
+    return None
+
+
 def _with_collate(settings: RunSettings, kw: dict, collate_fn: Callable[[list], Any] | None) -> RunSettings:
     """``collate_fn`` into the loaders' ``kw``; the settings with tensors sent down the loader path."""
     if collate_fn is None:
@@ -374,6 +386,10 @@ def build_run(
         write_line(line)
     check_first_batches(model, {"training": train_loader, "validation": val_loader}, log=write_line,
                         **checks)  # before any file
+    labels = _labels_of(train_loader) if classification and sample_weights is None else None
+    imbalanced = class_balance(labels) if labels is not None else None
+    if imbalanced is not None:
+        write_line(imbalanced)
     train_model = idist.auto_model(model) if world > 1 else model  # DDP: gradients averaged over ranks
     run_model = torch.compile(train_model) if settings.compile else train_model
     eval_model = run_model if world == 1 else model  # no collectives in evaluation: shards may differ in size

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from engine import ConfigError
-from engine.checks import check_first_batches, diagnose, input_mismatch, pixel_scale, probability_outputs, unregistered
+from engine.checks import (
+    check_first_batches,
+    class_balance,
+    diagnose,
+    input_mismatch,
+    pixel_scale,
+    probability_outputs,
+    unregistered,
+)
 from engine.device import prepare_batch
 
 CHECKS = dict(prepare_batch=prepare_batch, model_transform=None, loss_fn=nn.CrossEntropyLoss(), classification=True,
@@ -174,4 +182,20 @@ PIXELS = torch.randint(0, 256, (4, 3, 8, 8), generator=torch.Generator().manual_
 ])  # fmt: skip
 def test_raw_or_twice_scaled_pixels_are_said(x, line):
     said = pixel_scale(x, "training")
+    assert said is None if line is None else said is not None and said.startswith(line), said
+
+
+@pytest.mark.parametrize("labels, line", [
+    (torch.cat([torch.zeros(900), torch.ones(100)]).long(),
+     "The training set's classes are imbalanced: class 0 has 900 samples (90.0%), class 1 100 (a model always "
+     "answering 0 is 90.0% right): fit(..., sample_weights=(1 / torch.bincount(y).double())[y]) draws every class "
+     "equally often"),
+    ([2] * 50 + [0] * 4 + [1] * 9, "The training set's classes are imbalanced: class 2 has 50 samples (79.4%), class 0 "
+                                   "4 (a model always answering 2 is 79.4% right): "),
+    (torch.arange(100) % 10, None),  # balanced
+    (torch.cat([torch.zeros(70), torch.ones(30)]).long(), None),  # 70/30: less than 5 to 1
+    (torch.rand(100), None),  # not labels
+])  # fmt: skip
+def test_imbalanced_classes_are_said_with_the_weights_that_even_them(labels, line):
+    said = class_balance(labels)
     assert said is None if line is None else said is not None and said.startswith(line), said

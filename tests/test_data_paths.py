@@ -11,7 +11,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 from torchvision.transforms import v2
 
 from engine import ConfigError, InMemoryLoader, ResumableRandomSampler, RunSettings
@@ -371,3 +371,29 @@ def test_a_training_that_waits_on_its_loading_says_so_once_after_the_first_epoch
         assert re.fullmatch(r"Loading samples took \d+% of epoch 1 \([\d.]+ of [\d.]+ s\) in the training process: "
                             r"num_workers=\d would load the next batches while the model trains \(the same "
                             r"batches: their draws do not depend on the workers\)", lines[0]), lines[0]
+
+
+class Labelled(Dataset):
+    """A Dataset that keeps its labels in ``targets``, as torchvision's do (the loader path)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.targets = x, y.tolist()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.targets[i]
+
+
+@pytest.mark.parametrize("form, weighted, said", [
+    ("tensors", False, True), ("targets", False, True), ("tensors", True, False), ("dataset", False, False),
+])  # fmt: skip
+def test_imbalanced_labels_known_up_front_are_said_once(tmp_path, capsys, form, weighted, said):
+    x, y = torch.randn(120, 4), (torch.arange(120) < 12).long()  # 108 against 12
+    data = {"tensors": (x, y), "targets": Labelled(x, y), "dataset": Subset(TensorDataset(x, y), range(120))}[form]
+    fit(flat_net(4, 2), data, (x, y), RunSettings(output_dir=str(tmp_path / "r"), epochs=1, **QUIET),
+        sample_weights=(1 / torch.bincount(y).double())[y] if weighted else None)
+    out = capsys.readouterr().out
+    assert out.count("The training set's classes are imbalanced: class 0 has 108 samples (90.0%), class 1 12") == said
+    assert data_route(data, "auto") == ("memory" if form == "tensors" else "loader")

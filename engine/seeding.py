@@ -84,7 +84,7 @@ def seeded_globals(seed: int, device: torch.device | str | None = None) -> Itera
     device = torch.device(device) if device is not None else None
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device is not None and device.type == "cuda" else []  # fmt: skip
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda, enabled=bool(cuda)):  # the CPU's: _seeded puts it back
         if cuda:
             torch.cuda.manual_seed(seed)
         with _seeded(seed):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import ignite.distributed as idist
 import torch
 from ignite.metrics import Accuracy, Loss, Metric
 from torch import nn
@@ -115,8 +116,6 @@ def predict(
     ``settings.val_batch_size``, eval mode, no gradient, in one process. ``checkpoint``,
     ``prepare_batch``, ``model_transform`` and ``collate_fn``: as for :func:`evaluate`.
     """
-    import ignite.distributed as idist
-
     if idist.get_world_size() > 1:
         raise ConfigError("predict runs in one process: call it outside the distributed run, or on rank 0 alone")
     settings, device, amp = _ready(model, settings, checkpoint)

@@ -4,7 +4,8 @@ torchrun restarts a failed group with the same store: the process group of each 
 under its own key prefix here (``TORCHELASTIC_RESTART_COUNT``), so a restarted rank never reads
 the address of a process that no longer exists (seen: every restart failing with "Gloo
 connectFullMesh failed ... Connection refused" when it did). When a peer dies, the survivors
-find out which rank is gone through the same store (:func:`missing_ranks`).
+find out which rank is gone through the same store (:func:`missing_ranks`); a peer on the same
+machine whose process has already ended is known gone at once, without waiting for its answer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Mapping
 
 import ignite.distributed as idist
@@ -79,7 +81,33 @@ def init_process_group(backend: str, timeout: timedelta | None = None) -> None:
     kwargs = {"timeout": timeout} if timeout is not None else {}
     store, rank, world = next(rendezvous("env://", **kwargs))
     _store = dist.PrefixStore(f"engine/attempt_{attempt()}", store)
+    _store.set(f"process/{rank}", _process_id())
     dist.init_process_group(backend, store=dist.PrefixStore("pg", _store), rank=rank, world_size=world, **kwargs)
+
+
+def _process_id() -> str:
+    """This process as a peer on the same machine can look it up: the kernel's boot, the pid namespace
+    and the pid (``""`` where there is no ``/proc``: off Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot} {os.readlink('/proc/self/ns/pid')} {os.getpid()}"
+    except OSError:
+        return ""
+
+
+def _ended(rank: int, here: str) -> bool:
+    """Whether ``rank``'s process is known to have ended: it runs on this machine, in this pid
+    namespace, and its pid is gone or a zombie (killed, not yet reaped by its launcher)."""
+    if not here or not _store.check([f"process/{rank}"]):
+        return False
+    boot, namespace, pid = (_store.get(f"process/{rank}").decode().split(" ") + ["", "", ""])[:3]
+    if f"{boot} {namespace}" != here.rsplit(" ", 1)[0] or not pid.isdigit():
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -96,16 +124,19 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 def missing_ranks(wait_s: float = 3.0) -> list[int]:
     """After a failed collective: every surviving rank says so in the store, then waits up to
-    ``wait_s`` for the others; the ranks that never answered (sorted). ``[]`` if unknown (no store)."""
+    ``wait_s`` for the others, or until each one still silent is known to have ended (a process on
+    this machine that is gone); the ranks that never answered (sorted). ``[]`` if unknown (no store)."""
     if _store is None or not dist.is_initialized():
         return []
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world, here = dist.get_rank(), dist.get_world_size(), _process_id()
     try:
         _store.set(f"alive/{rank}", "1")
         deadline = time.monotonic() + wait_s
         missing = [r for r in range(world) if r != rank]
         while missing and time.monotonic() < deadline:
             missing = [r for r in missing if not _store.check([f"alive/{r}"])]
+            if missing and all(_ended(r, here) for r in missing):
+                break
             if missing:
                 time.sleep(0.05)
         return missing

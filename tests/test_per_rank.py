@@ -3,11 +3,18 @@ behaviour is tested for real in test_distributed.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from engine import ConfigError, InMemoryLoader, create_trainer
+from engine import distributed
 from engine.distributed import PeerLost, PerRank, is_peer_failure
 
 
@@ -50,6 +57,53 @@ def test_a_collective_broken_by_a_dead_peer_is_told_from_other_errors(message, p
                                          ([], "another process of the run failed; rank 0 stops too")])
 def test_the_peer_line_names_the_ranks_that_failed(ranks, text):
     assert str(PeerLost(ranks, 0)) == text
+
+
+@pytest.fixture
+def two_ranks(monkeypatch):
+    """Rank 0 of a run of 2 on an in-memory store, and a real process whose pid rank 1 holds."""
+    store = dist.HashStore()
+    monkeypatch.setattr(distributed, "_store", store)
+    monkeypatch.setattr(distributed, "dist", SimpleNamespace(is_initialized=lambda: True, get_rank=lambda: 0,
+                                                             get_world_size=lambda: 2))  # fmt: skip
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    store.set("process/1", distributed._process_id().rsplit(" ", 1)[0] + f" {peer.pid}")
+    yield store, peer
+    peer.kill()
+    peer.wait()
+
+
+@pytest.mark.skipif(not distributed._process_id(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("reaped", [False, True])  # a zombie its launcher has not waited for yet, or gone
+def test_a_peer_whose_process_ended_on_this_machine_is_named_without_waiting(two_ranks, reaped):
+    store, peer = two_ranks
+    here = distributed._process_id()
+    assert not distributed._ended(1, here)  # alive: it may still answer
+    peer.kill()
+    if reaped:
+        peer.wait()
+    else:
+        while open(f"/proc/{peer.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+    assert distributed._ended(1, here)
+    start = time.monotonic()
+    assert distributed.missing_ranks(wait_s=60) == [1]
+    assert time.monotonic() - start < 30  # not the 60 s wait for an answer that cannot come
+    assert store.get("alive/0") == b"1"
+
+
+def test_a_silent_peer_elsewhere_or_alive_is_waited_for(two_ranks):
+    store, peer = two_ranks
+    here = distributed._process_id()
+    store.set("process/1", f"another-boot pid:[1] {peer.pid}")  # another machine: its pid means nothing here
+    peer.kill()
+    peer.wait()
+    assert not distributed._ended(1, here)
+    start = time.monotonic()
+    assert distributed.missing_ranks(wait_s=0.3) == [1]
+    assert time.monotonic() - start >= 0.3
+    store.set("alive/1", "1")  # a peer that answers is not missing
+    assert distributed.missing_ranks(wait_s=0.3) == []
 
 
 def test_the_trainer_puts_the_module_inside_a_wrapper_back_in_training_mode():

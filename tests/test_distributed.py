@@ -69,10 +69,10 @@ def test_two_processes_under_torchrun_write_once_and_count_every_test_sample(mni
     assert abs(history(single)[0]["val_accuracy"] - rows[0]["val_accuracy"]) < 0.01
 
 
-def started(*args: str, mnist: Path, method: str | None) -> subprocess.CompletedProcess:
-    """The script as ``run_script`` runs it, from a program that first sets ``method`` with
-    ``multiprocessing.set_start_method`` (None: leaves it unset) and prints the start method
-    ``--nproc-per-node`` hands to torch (``start_method=...``)."""
+def starting(method: str | None) -> tuple[str, str]:
+    """``python_args`` for the script: a program that first sets ``method`` with
+    ``multiprocessing.set_start_method`` (None: leaves it unset), prints the start method
+    ``--nproc-per-node`` hands to torch (``start_method=...``), then runs the script."""
     code = ("import multiprocessing, runpy, sys\n"
             "import torch.multiprocessing as tmp\n"
             f"if {method!r} is not None: multiprocessing.set_start_method({method!r})\n"
@@ -83,25 +83,7 @@ def started(*args: str, mnist: Path, method: str | None) -> subprocess.Completed
             "tmp.start_processes = shown\n"
             "sys.argv = sys.argv[1:]\n"
             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    return run_script(*args, mnist=mnist, env={"OMP_NUM_THREADS": "1"}, python_args=("-c", code))
-
-
-def test_spawned_processes_resume_from_a_checkpoint(mnist_root, tmp_path):
-    # the first run spawned (as on a GPU machine, or as a program may ask), its resume started the
-    # default way: forked on this CPU-only Linux machine (and each way works with the other's files)
-    out = tmp_path / "spawned"
-    first = started(*ARGS, "--epochs", "1", "--nproc-per-node", "2", "--output-dir", str(out), mnist=mnist_root,
-                    method="spawn")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.count("start_method=spawn") == 1
-    second = started(*ARGS, "--epochs", "2", "--nproc-per-node", "2", "--output-dir", str(out), "--resume", "auto",
-                     mnist=mnist_root, method=None)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count(f"start_method={cli.start_method()}") == 1
-    assert second.stdout.count("Resumed from") == 1 and "iteration 40)" in second.stdout
-    rows = history(out)
-    assert [r["epoch"] for r in rows] == [1, 2] and all(r["val_samples"] == 10000 for r in rows)
-    assert sorted(p.name for p in (out / "checkpoints").glob("last_*.pt")) == ["last_iter=40.pt", "last_iter=80.pt"]
+    return "-c", code
 
 
 def test_one_rank_failing_ends_every_rank_non_zero(mnist_root, tmp_path):
@@ -248,18 +230,22 @@ def test_two_simulated_nodes_equal_one_node_with_two_processes(uninterrupted, mn
 
 def test_spawned_run_with_a_killed_worker_stops_with_one_line_and_resumes_exactly(uninterrupted, mnist_root,
                                                                                   tmp_path):
+    # the killed run spawned (as on a GPU machine, or as a program may ask), its resume started the
+    # default way: forked on this CPU-only Linux machine (each way works with the other's files)
     out = tmp_path / "spawned"
-    cmd = [sys.executable, str(SCRIPT), *RECIPES["memory"], *FT, "--nproc-per-node", "2", "--output-dir", str(out),
-           "--data-dir", str(mnist_root)]
+    cmd = [sys.executable, *starting("spawn"), str(SCRIPT), *RECIPES["memory"], *FT, "--nproc-per-node", "2",
+           "--output-dir", str(out), "--data-dir", str(mnist_root)]
     proc, pid = _kill_worker_after(cmd, out, 1, 60)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 4, text[-3000:]
+    assert text.count("start_method=spawn") == 1
     ours = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and f"of the run (pid {pid}) was killed by SIGKILL" in ours[0], text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     again = run_script(*RECIPES["memory"], *FT, "--nproc-per-node", "2", "--output-dir", str(out), "--resume", "auto",
-                       mnist=mnist_root, env={"OMP_NUM_THREADS": "1"})
+                       mnist=mnist_root, env={"OMP_NUM_THREADS": "1"}, python_args=starting(None))
     assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count(f"start_method={cli.start_method()}") == 1 and again.stdout.count("Resumed from") == 1
     _same_run(uninterrupted["memory"], out)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine import ConfigError, InMemoryLoader, create_trainer
-from engine import distributed
+from engine import ConfigError, InMemoryLoader, create_trainer, distributed
 from engine.distributed import PeerLost, PerRank, is_peer_failure
 
 
@@ -83,7 +83,7 @@ def test_a_peer_whose_process_ended_on_this_machine_is_named_without_waiting(two
     if reaped:
         peer.wait()
     else:
-        while open(f"/proc/{peer.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        while Path(f"/proc/{peer.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
             time.sleep(0.01)
     assert distributed._ended(1, here)
     start = time.monotonic()

@@ -22,6 +22,8 @@ from unittest import mock
 
 import pytest
 
+from tests import forkserver
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one torch thread per test worker (and per process it starts): `-n 2` on 2 cores runs two tests
     # at once instead of two threads fighting for each core; set OMP_NUM_THREADS yourself to override
@@ -178,4 +180,4 @@ def run_script(*args: str, mnist: Path | None, timeout: float = 600, env: dict |
     cmd = [sys.executable, *python_args, str(SCRIPT), *args]
     if mnist is not None:
         cmd += ["--data-dir", str(mnist)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    return forkserver.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)

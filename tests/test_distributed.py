@@ -17,6 +17,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from handlers import cli
+from tests import forkserver
 from tests.conftest import SCRIPT, run_main, run_script
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def torchrun(*args: str, mnist: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*TORCHRUN, str(SCRIPT), *args, "--data-dir", str(mnist)], capture_output=True, text=True,
+    return forkserver.run([*TORCHRUN, str(SCRIPT), *args, "--data-dir", str(mnist)], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -88,7 +89,7 @@ def starting(method: str | None) -> tuple[str, str]:
 
 def test_one_rank_failing_ends_every_rank_non_zero(mnist_root, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen([*TORCHRUN, str(SCRIPT), *ARGS, "--epochs", "3", "--preset", "seed",
+    launcher = forkserver.popen([*TORCHRUN, str(SCRIPT), *ARGS, "--epochs", "3", "--preset", "seed",
                                  "--output-dir", str(tmp_path / "run"), "--data-dir", str(mnist_root)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
@@ -170,7 +171,7 @@ def _workers(parent: int) -> dict[int, int]:
 
 def _kill_worker_after(cmd: list[str], out: Path, rank: int, iteration: int) -> tuple[subprocess.Popen, int]:
     """Start ``cmd``; SIGKILL the worker ``rank`` once ``last_iter=<iteration>.pt`` exists; (process, pid)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+    proc = forkserver.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                             start_new_session=True)
     target, deadline = out / "checkpoints" / f"last_iter={iteration}.pt", time.monotonic() + 240
     while not target.exists():
@@ -216,7 +217,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_equals_an_uninterrupted_o
 
 def test_two_simulated_nodes_equal_one_node_with_two_processes(uninterrupted, mnist_root, tmp_path):
     out, port = tmp_path / "nodes", _free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+    nodes = [forkserver.popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-id", "test",
                                "--rdzv-endpoint", f"127.0.0.1:{port}", str(SCRIPT), *RECIPES["memory"], *FT,
                                "--output-dir", str(out), "--data-dir", str(mnist_root)],

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests import forkserver
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ def readme_program() -> str:
 
 def run(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    return forkserver.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
 
 
@@ -101,7 +102,7 @@ def test_a_custom_model_killed_mid_epoch_and_resumed_auto_equals_an_uninterrupte
     (tmp_path / "killable.py").write_text(KILLABLE)
     args = ["killable.py", "--epochs", "3", "--save-every-iters", "25", "--seed", "4", *QUIET]  # 128 batches an epoch
     assert run(*args, "--output-dir", "straight", cwd=tmp_path).returncode == 0
-    proc = subprocess.Popen([sys.executable, *args, "--output-dir", "killed"], cwd=tmp_path, text=True,
+    proc = forkserver.popen([sys.executable, *args, "--output-dir", "killed"], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "HOLD_AT": "200"})
     for line in proc.stdout:

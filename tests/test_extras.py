@@ -15,7 +15,7 @@ from torch import nn
 
 from engine import RunSettings
 from handlers import fit, load_checkpoint, seed_everything
-from tests import user_program
+from tests import forkserver, user_program
 from tests.conftest import in_process, run_main, run_script
 from tests.test_train_mnist import figures, final_weights, history
 from tests.test_user_data import PROGRAM, assert_same_tensors, newest_state
@@ -97,7 +97,7 @@ def test_ema_killed_mid_epoch_and_resumed_is_bit_exact(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def go(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(PROGRAM), *args, *extra], capture_output=True, text=True,
+        return forkserver.run([sys.executable, str(PROGRAM), *args, *extra], capture_output=True, text=True,
                               timeout=300, env=env)
 
     assert in_process(user_program.main, [*args, "--output-dir", str(tmp_path / "straight")]).returncode == 0

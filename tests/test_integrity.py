@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-import subprocess
 import sys
 import zipfile
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from torch import nn
 
 from engine import CheckpointError, RunSettings
 from handlers import TrainingCheckpoint, find_resume_checkpoint, fit, load_checkpoint
+from tests import forkserver
 
 
 def flip_tensor_bit(path: Path, record: str = "/data/0", at: int = 5, bit: int = 4) -> None:
@@ -171,10 +171,10 @@ def test_the_verify_command_says_ok_or_damaged_per_file(tmp_path, checkpoint):
     bad.write_bytes(checkpoint[0])
     flip_tensor_bit(bad, at=7, bit=1)
     command = [sys.executable, "-m", "handlers.checkpoint", "verify"]
-    ok = subprocess.run([*command, str(good)], capture_output=True, text=True)
+    ok = forkserver.run([*command, str(good)], capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stderr == ""
     assert ok.stdout == f"OK {good}: format 3, epoch 1, iteration 3, val_accuracy=0.5000\n"
-    both = subprocess.run([*command, str(good), str(bad)], capture_output=True, text=True)
+    both = forkserver.run([*command, str(good), str(bad)], capture_output=True, text=True)
     lines = both.stdout.splitlines()
     assert both.returncode == 1 and len(lines) == 2 and lines[0].startswith("OK ")
     assert lines[1].startswith(f"DAMAGED {bad}: ") and "CRC-32" in lines[1]

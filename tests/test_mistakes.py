@@ -17,7 +17,7 @@ from torch import nn
 
 from engine import ConfigError, RunSettings
 from handlers import fit, seed_everything
-from tests import mistake_program
+from tests import forkserver, mistake_program
 from tests.conftest import in_process
 
 PROGRAM = Path(__file__).resolve().parent / "mistake_program.py"
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def program(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(PROGRAM), *args], capture_output=True, text=True, timeout=300,
+    return forkserver.run([sys.executable, str(PROGRAM), *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from engine import CheckpointError
 from handlers import load_checkpoint
+from tests import forkserver
 from tests.conftest import SCRIPT, run_main, run_script
 from tests.test_integrity import flip_tensor_bit
 from tests.test_train_mnist import QUICK, figures, final_weights, history, kill_when
@@ -88,7 +89,7 @@ def test_save_every_iters_then_sigkill_resumes_mid_epoch_exactly(mnist_root, tmp
 def test_second_ctrl_c_exits_at_once_and_leaves_saved_files_valid(mnist_root, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *QUICK, "--epochs", "3", "--output-dir", str(out),
+    proc = forkserver.popen([sys.executable, str(SCRIPT), *QUICK, "--epochs", "3", "--output-dir", str(out),
                              "--data-dir", str(mnist_root), "--preset", "seed"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     for line in proc.stdout:
@@ -159,7 +160,7 @@ def test_hostile_or_foreign_resume_file_is_refused(mnist_root, tmp_path, kind, r
 def test_second_run_on_a_busy_output_dir_is_refused_and_a_killed_run_leaves_no_stuck_lock(mnist_root, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen([sys.executable, str(SCRIPT), *QUICK, "--epochs", "3", "--preset", "seed",
+    first = forkserver.popen([sys.executable, str(SCRIPT), *QUICK, "--epochs", "3", "--preset", "seed",
                               "--output-dir", str(out), "--data-dir", str(mnist_root)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import forkserver
 from tests.conftest import SCRIPT, run_main, run_script
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ def final_weights(run_dir: Path) -> dict:
 def kill_when(args: list[str], mnist: Path, marker: str, sig: int = signal.SIGKILL) -> tuple[int, str]:
     """Start the script, send ``sig`` once it prints a line containing ``marker``; (returncode, output)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--data-dir", str(mnist)], stdout=subprocess.PIPE,
+    proc = forkserver.popen([sys.executable, str(SCRIPT), *args, "--data-dir", str(mnist)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     seen = []
     for line in proc.stdout:
@@ -165,7 +166,7 @@ def test_resume_from_a_damaged_path_is_one_clear_line(mnist_root, tmp_path):
 
 def test_custom_handler_example_runs_beside_ours(mnist_root, tmp_path):
     script = SCRIPT.parent / "custom_handler.py"
-    proc = subprocess.run([sys.executable, str(script), "--data-dir", str(mnist_root), "--epochs", "3",
+    proc = forkserver.run([sys.executable, str(script), "--data-dir", str(mnist_root), "--epochs", "3",
                            "--limit-train-batches", "50", "--target", "0.9", "--no-progress", "--output-dir",
                            str(tmp_path / "custom")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

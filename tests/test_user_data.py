@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import user_program
+from tests import forkserver, user_program
 from tests.conftest import in_process
 from tests.test_train_mnist import figures
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 def program(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(PROGRAM), *args], capture_output=True, text=True, timeout=timeout,
+    return forkserver.run([sys.executable, str(PROGRAM), *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
 
 

@@ -40,8 +40,9 @@ def _import_time_env(env) -> dict:
 
 
 # ----------------------------------------------------------------------------- the server side
-def _child(request: dict, fds: list[int], keep_closed: list[int]) -> None:
-    """In the forked child: become the process ``request`` describes, run it, exit as python would."""
+def _child(request: dict, fds: list[int], servers: list[int]) -> None:
+    """In the forked child: close the server's own descriptors (``servers``), become the process
+    ``request`` describes with ``fds`` as its stdin, stdout and stderr, run it, exit as python would."""
     import atexit
     import runpy
     import signal
@@ -49,7 +50,7 @@ def _child(request: dict, fds: list[int], keep_closed: list[int]) -> None:
 
     code = 1
     try:
-        for fd in keep_closed:
+        for fd in servers:
             os.close(fd)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
@@ -169,6 +170,8 @@ class _Server:
         self.lock = threading.Lock()
 
     def _start(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message a request
         code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import forkserver; " \
                f"forkserver.serve({theirs.fileno()})"
@@ -195,8 +198,8 @@ _server = _Server()
 
 
 def forkable(cmd: list, env: dict | None) -> bool:
-    """Whether ``cmd`` can be a child of the server: ``python FILE ...`` or ``python -c CODE ...``,
-    with the import-time environment the server had."""
+    """Whether ``cmd`` can be a child of the server: ``python FILE ...``, ``python -c CODE ...`` or
+    ``python -m MODULE ...``, with the start-up environment the server had."""
     if os.environ.get("TESTS_FORKSERVER", "1") == "0" or len(cmd) < 2 or str(cmd[0]) != sys.executable:
         return False
     first = str(cmd[1])

@@ -8,19 +8,19 @@ from typing import Any, Callable, Mapping
 
 import ignite.distributed as idist
 import torch
+from ignite.engine import Events
 from ignite.metrics import Accuracy, Loss, Metric
 from torch import nn
 
-from engine.amp import autocast_context, resolve_amp
+from engine.amp import resolve_amp
 from engine.checks import check_first_batches, input_mismatch
 from engine.device import prepare_batch as default_prepare_batch
 from engine.device import split_batch, to_device
 from engine.errors import ConfigError
 from engine.evaluator import create_evaluator
 from engine.settings import RunSettings
-from engine.trainer import predict as forward
 from handlers.checkpoint import load_checkpoint
-from handlers.console import write_line
+from handlers.console import quiet_ignite, write_line
 from handlers.fit import Data, eval_loader, run_device
 from handlers.metrics import AccuracyView, SampleCount
 
@@ -29,8 +29,10 @@ __all__ = ["evaluate", "predict"]
 
 def _ready(model: nn.Module, settings: RunSettings | None, checkpoint: str | Path | None,
            ) -> tuple[RunSettings, torch.device, str | None]:  # fmt: skip
-    """The settings checked, the model on its device in eval mode, the checkpoint's weights loaded."""
+    """The settings checked, Ignite's own log lines off, the model on its device in eval mode, the
+    checkpoint's weights loaded."""
     settings = (settings or RunSettings()).check()
+    quiet_ignite()  # an error in a batch is our one line, not also Ignite's log of it
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)  # verified: a damaged file is one line
         try:
@@ -97,7 +99,6 @@ def _inputs(batch: Any) -> Any:
     return batch
 
 
-@torch.no_grad()
 def predict(
     model: nn.Module,
     data: torch.Tensor | Data,
@@ -122,20 +123,20 @@ def predict(
     if isinstance(data, torch.Tensor):
         data = (data, torch.zeros(len(data)))  # the targets are not read
     loader = eval_loader(data, settings, device, collate_fn, name="prediction")
-    outputs = []
-    for batch in loader:
-        x = prepare_batch(batch, device, False)[0] if prepare_batch else to_device(_inputs(batch), device)
-        if settings.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, amp):
-            try:
-                y_pred = forward(model, x, model_transform)
-            except (RuntimeError, TypeError) as exc:  # the inputs' type or layout: one line, as fit says it
-                message = input_mismatch(model, x, exc, "prediction")
-                if message is None:
-                    raise
-                raise ConfigError(message) from exc
-        outputs.append(y_pred.float().cpu())
+    if prepare_batch is None:
+        def prepare_batch(batch: Any, device: torch.device, non_blocking: bool) -> tuple[Any, None]:
+            return to_device(_inputs(batch), device, non_blocking), None
+    evaluator = create_evaluator(model, {}, device=device, amp=amp, channels_last=settings.channels_last,
+                                 prepare_batch=prepare_batch, model_transform=model_transform)  # fmt: skip
+    outputs: list[torch.Tensor] = []
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output[0].cpu()))
+    try:
+        evaluator.run(loader)
+    except (RuntimeError, TypeError) as exc:  # the inputs' type or layout: one line, as fit says it
+        message = input_mismatch(model, getattr(evaluator.state, "inputs", None), exc, "prediction")
+        if message is None:
+            raise
+        raise ConfigError(message) from exc
     if not outputs:
         raise ConfigError("the prediction data yielded no batch: there is nothing to predict")
     return torch.cat(outputs)

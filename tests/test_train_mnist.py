@@ -167,12 +167,13 @@ def test_resume_from_a_damaged_path_is_one_clear_line(mnist_root, tmp_path):
 def test_custom_handler_example_runs_beside_ours(mnist_root, tmp_path):
     script = SCRIPT.parent / "custom_handler.py"
     proc = forkserver.run([sys.executable, str(script), "--data-dir", str(mnist_root), "--epochs", "3",
-                           "--limit-train-batches", "50", "--target", "0.9", "--no-progress", "--output-dir",
+                           "--limit-train-batches", "50", "--target", "0.8", "--no-progress", "--output-dir",
                            str(tmp_path / "custom")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     stop = next(i for i, line in enumerate(lines) if line.startswith("Reached "))
-    # the decision (Stage.DECISION) ran before the plain handler of the same epoch, which saw val metrics
+    # the decision (Stage.DECISION) ran before the plain handler of the same epoch, which saw val metrics;
+    # 50 batches give 89-93% after epoch 1 by precision and threads (bf16, one thread: 89.19%): target 80%
     mine = [line for line in lines[stop:] if line.startswith("[my handler]")]
     assert mine[0].startswith("[my handler] epoch 1: train_loss=")
     assert lines[-1] == "[my handler] stopped early: True"

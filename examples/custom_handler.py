@@ -20,10 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ignite.engine import Engine, Events  # noqa: E402
-
-from handlers import Stage, attach_ordered, cli, fit, write_line  # noqa: E402
+from handlers import Stage, attach_ordered, cli, fit, write_line  # noqa: E402  (before Ignite: engine/imports.py)
 from train_mnist import MNIST_MEAN, MNIST_STD, FastNet, MnistSettings, load_mnist  # noqa: E402
+
+from ignite.engine import Engine, Events  # noqa: E402
 
 
 class StopAtAccuracy:

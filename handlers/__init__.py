@@ -1,30 +1,33 @@
 """Handlers that attach to the trainer and evaluator engines (everything beyond the minimal loop),
 and the run that attaches them all: :func:`fit`, :func:`attach_run`, and the command line (``handlers.cli``)."""
 
-from handlers.checkpoint import (
-    SafeDiskSaver,
-    TrainingCheckpoint,
-    find_resume_checkpoint,
-    last_checkpoints,
-    load_checkpoint,
-    restore,
-    verify_checkpoint,
-)
-from handlers.console import ConsoleLogger, write_line
-from handlers.early_stopping import EarlyStopping
-from handlers.history import History, write_json_atomic
-from handlers.lr_schedule import LRSchedule
-from handlers.metrics import SampleCount, TrainMetrics
-from handlers.nan_guard import NanGuard
-from handlers.progress import Progress, progress_wanted
-from handlers.tensorboard import MisclassifiedCollector, TensorBoardLogging
-from handlers.ordering import Stage, attach_ordered, ordered_handlers
-from handlers.signals import GracefulStop
-from handlers.rng import RNGState, seed_everything
-from handlers.validation import Validation
-from handlers.run import Run, RunResult, attach_run
-from handlers.fit import build_run, fit, make_loaders, make_optimizer
-from handlers.evaluate import evaluate, predict
+from engine.imports import frozen_imports
+
+with frozen_imports():  # torch and Ignite come in here: ~0.7 s less of the collector per process
+    from handlers.checkpoint import (
+        SafeDiskSaver,
+        TrainingCheckpoint,
+        find_resume_checkpoint,
+        last_checkpoints,
+        load_checkpoint,
+        restore,
+        verify_checkpoint,
+    )
+    from handlers.console import ConsoleLogger, write_line
+    from handlers.early_stopping import EarlyStopping
+    from handlers.history import History, write_json_atomic
+    from handlers.lr_schedule import LRSchedule
+    from handlers.metrics import SampleCount, TrainMetrics
+    from handlers.nan_guard import NanGuard
+    from handlers.progress import Progress, progress_wanted
+    from handlers.tensorboard import MisclassifiedCollector, TensorBoardLogging
+    from handlers.ordering import Stage, attach_ordered, ordered_handlers
+    from handlers.signals import GracefulStop
+    from handlers.rng import RNGState, seed_everything
+    from handlers.validation import Validation
+    from handlers.run import Run, RunResult, attach_run
+    from handlers.fit import build_run, fit, make_loaders, make_optimizer
+    from handlers.evaluate import evaluate, predict
 
 __all__ = [
     "ConsoleLogger",

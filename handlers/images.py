@@ -11,9 +11,15 @@ import functools
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ["confusion_matrix_image", "draw_text", "labelled_grid"]
+
+
+@functools.cache
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font, loaded once: ``ImageDraw`` loads it again for each new drawing (0.2 ms)."""
+    return ImageFont.load_default()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -21,9 +27,9 @@ def _glyphs(text: str) -> tuple[Image.Image, int, int]:
     """``text`` in Pillow's default font as a coverage mask ("L"), and where it sits relative to the
     point it is drawn at (what ``ImageDraw.text`` computes for every call)."""
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    left, top, right, bottom = probe.textbbox((0, 0), text)
+    left, top, right, bottom = probe.textbbox((0, 0), text, font=_font())
     mask = Image.new("L", (max(1, right - left), max(1, bottom - top)), 0)
-    ImageDraw.Draw(mask).text((-left, -top), text, fill=255)
+    ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=_font())
     return mask, left, top
 
 

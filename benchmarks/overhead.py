@@ -46,7 +46,7 @@ from engine import RunSettings
 from handlers import build_run, make_loaders, seed_everything
 
 RECIPES = {  # the presets of examples/train_mnist.py; full precision on both sides, whatever the CPU
-    "default": dict(batch_size=128, val_batch_size=2000, lr=1e-2, beta1=0.7, beta2=0.9, label_smoothing=0.1,
+    "default": dict(batch_size=128, val_batch_size=500, lr=1e-2, beta1=0.7, beta2=0.9, label_smoothing=0.1,
                     scheduler="onecycle", channels_last=True),
     "seed": dict(batch_size=64, val_batch_size=1000, lr=1e-3, scheduler="none", channels_last=False,
                  data_path="torchvision"),

@@ -17,6 +17,8 @@ from handlers.checkpoint import TrainingCheckpoint
 
 __all__ = ["GracefulStop"]
 
+_MID_ITERATION = (Events.GET_BATCH_STARTED, Events.GET_BATCH_COMPLETED, Events.ITERATION_STARTED)
+
 
 class GracefulStop:
     """On the first SIGTERM or SIGINT: finish the running iteration, save ``last`` there, stop the run.
@@ -56,7 +58,13 @@ class GracefulStop:
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
         if idist.get_world_size() > 1:
             trainer.add_event_handler(Events.ITERATION_COMPLETED, self._agree)
+        else:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._at_iteration_end)
         return self
+
+    def _at_iteration_end(self, engine: Engine) -> None:
+        if self.received is not None and not engine.should_terminate:
+            engine.terminate()  # a signal that came mid-iteration (see _handle): the iteration is whole now
 
     def _agree(self, engine: Engine) -> None:
         flag = idist.all_reduce(torch.tensor([float(self.received or 0)]), op="MAX")
@@ -94,7 +102,11 @@ class GracefulStop:
         self.received = signum
         if self._trainer is not None and idist.get_world_size() == 1:
             self._announce(signum)
-            self._trainer.terminate()  # distributed: all ranks stop together in _agree
+            # Between fetching a batch and the end of its iteration, Ignite would stop at its next check:
+            # the batch drawn from the loader (whose position the checkpoint saves) but not trained on,
+            # or the iteration counted before its step. There, stop when the iteration ends instead.
+            if self._trainer.last_event_name not in _MID_ITERATION:
+                self._trainer.terminate()  # distributed: all ranks stop together in _agree
 
     def _announce(self, signum: int) -> None:
         self.log(f"Received {signal.Signals(signum).name}: stopping after this iteration and saving a checkpoint "

@@ -1,0 +1,92 @@
+"""A stop signal, wherever in an iteration it lands, saves a state the resume continues exactly from."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from engine import RunSettings
+from handlers import fit, load_checkpoint, seed_everything
+
+BATCH = 16
+
+
+class SignalsItself(Dataset):
+    """Pairs from tensors; the ``at``-th sample read sends this process SIGTERM, so the signal lands
+    while the loader is assembling a batch (Ignite between GET_BATCH_STARTED and GET_BATCH_COMPLETED)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, at: int | None = None) -> None:
+        self.x, self.y, self.at, self.reads = x, y, at, 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reads += 1
+        if self.reads == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler here, inside the fetch
+        return self.x[i], self.y[i]
+
+
+class FetchedFrom(torch.Tensor):
+    """The in-memory path's inputs: its loader slices each batch with ``index_select``; the ``at``-th
+    call sends this process SIGTERM, so the signal lands inside the fetch. Results are plain tensors."""
+
+    at: int | None = None
+    calls = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.index_select:
+            FetchedFrom.calls += 1
+            if FetchedFrom.calls == FetchedFrom.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    return x, (x[:, 0] + x[:, 1] > 0).long()
+
+
+def run(tmp_path, name: str, at: int | None = None, resume: str | None = None, path: str = "loader"):
+    seed_everything(3)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))  # dropout: the global RNG
+    settings = RunSettings(output_dir=str(tmp_path / name), resume=resume, epochs=2, batch_size=BATCH, lr=1e-2,
+                           log_every=0, progress=False, tensorboard=False, seed=3, data_path=path)
+    if path == "memory":
+        x, y = data(320, 1)
+        FetchedFrom.at, FetchedFrom.calls = at, 0
+        return fit(model, (x.as_subclass(FetchedFrom), y), data(64, 2), settings), FetchedFrom.calls
+    samples = SignalsItself(*data(320, 1), at)
+    return fit(model, samples, data(64, 2), settings), samples.reads
+
+
+def weights(result) -> dict[str, torch.Tensor]:
+    return load_checkpoint(result.last_path)["model"]
+
+
+@pytest.mark.parametrize("path, batch, sample", [("loader", 7, 1), ("loader", 7, BATCH), ("loader", 20 + 3, 5),
+                                                 ("memory", 7, 1), ("memory", 20 + 3, 1)])  # fmt: skip
+def test_a_signal_during_the_batch_fetch_stops_after_that_batch_and_resumes_exactly(tmp_path, path, batch, sample):
+    per_batch = BATCH if path == "loader" else 1  # samples read one by one, or one index_select a batch
+    straight, reads = run(tmp_path, "straight", path=path)
+    before = reads - 2 * 20 * per_batch  # what the run's checks read before its first batch
+    stopped, _ = run(tmp_path, "stopped", at=before + (batch - 1) * per_batch + sample, path=path)
+    assert stopped.exit_code == 128 + signal.SIGTERM
+    assert stopped.last_path.name == f"last_iter={batch}.pt"  # the batch being fetched was trained on, then saved
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+    resumed, _ = run(tmp_path, "stopped", resume="auto", path=path)
+    assert resumed.exit_code == 0
+    drop = {"epoch_seconds", "samples_per_second"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.history] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in straight.history]  # fmt: skip
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

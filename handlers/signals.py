@@ -56,15 +56,14 @@ class GracefulStop:
         trainer.add_event_handler(Events.TERMINATE, self._save)
         trainer.add_event_handler(Events.COMPLETED, self.uninstall)
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
-        if idist.get_world_size() > 1:
-            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._agree)
-        else:
-            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._at_iteration_end)
+        # where a signal that came mid-iteration stops the run: alone, at the iteration's end (see _handle);
+        # distributed, there too, once the ranks have agreed
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._agree if idist.get_world_size() > 1 else self._end)
         return self
 
-    def _at_iteration_end(self, engine: Engine) -> None:
+    def _end(self, engine: Engine) -> None:
         if self.received is not None and not engine.should_terminate:
-            engine.terminate()  # a signal that came mid-iteration (see _handle): the iteration is whole now
+            engine.terminate()
 
     def _agree(self, engine: Engine) -> None:
         flag = idist.all_reduce(torch.tensor([float(self.received or 0)]), op="MAX")

@@ -99,13 +99,13 @@ class GracefulStop:
         if self.received is not None:
             os._exit(128 + signum)  # second signal: leave now; saved files are complete or absent
         self.received = signum
-        if self._trainer is not None and idist.get_world_size() == 1:
+        if self._trainer is not None and idist.get_world_size() == 1:  # distributed: all stop together in _agree
             self._announce(signum)
             # Between fetching a batch and the end of its iteration, Ignite would stop at its next check:
             # the batch drawn from the loader (whose position the checkpoint saves) but not trained on,
-            # or the iteration counted before its step. There, stop when the iteration ends instead.
+            # or the iteration counted before its step. There, _end stops when the iteration ends instead.
             if self._trainer.last_event_name not in _MID_ITERATION:
-                self._trainer.terminate()  # distributed: all ranks stop together in _agree
+                self._trainer.terminate()
 
     def _announce(self, signum: int) -> None:
         self.log(f"Received {signal.Signals(signum).name}: stopping after this iteration and saving a checkpoint "

@@ -16,11 +16,14 @@ differ by up to 25% here (seen: the same seed loop at 40 and at 55 ms a step in 
 whole runs timed one after the other compare badly. Instead both runs advance side by side in one
 process, in alternating segments of ``--segment`` iterations (the engine is paused with Ignite's
 ``interrupt()``, ~0.1 ms a pause, counted against it; the raw loop is a generator), the order
-swapped every round: A B B A A B ... Each pair of runs gives one ratio, the sum of the engine's
-segments (plus its end-of-run work) over the sum of the raw loop's; the result is the median over
-``--pairs`` pairs. ``--null`` runs the raw loop against itself instead: what the method resolves on
-the machine at hand (on the 2-core Zen 3, 8 A/A pairs: 0.966..1.037 in segments of 20 iterations,
-A B A B; 1.001..1.011 in segments of 5, the first of each round ~0.5% slower, hence the swaps).
+swapped every round: A B B A A B ... Whichever side starts that schedule is measured slower (A/A on
+the 2-core Zen 5, 2026-12-02: 1.0044, 1.0050, 1.0060, 1.0098 when A started, 0.9960, 0.9831,
+1.0134, 0.9915 when B did), so every measurement is two pairs of runs, one started by each side,
+and its ratio is the sum of the engine's segments (plus its end-of-run work) over the sum of the
+raw loop's in both; the result is the median over ``--pairs`` such measurements. ``--null`` runs the
+raw loop against itself instead: what the method resolves on the machine at hand (on the 2-core
+Zen 3, 8 A/A pairs: 0.966..1.037 in segments of 20 iterations, A B A B; 1.001..1.011 in segments of
+5, the first of each round ~0.5% slower, hence the swaps).
 
     python benchmarks/overhead.py [--recipe default|seed] [--pairs 7] [--epochs 1] [--segment 5] [--null]
 
@@ -153,16 +156,17 @@ class RawRun:
 
 
 def pair(recipe: str, data: list, epochs: int, limit: int | None, out: str, segment: int,
-         null: bool = False) -> tuple[float, float]:
+         null: bool = False, raw_starts: bool = False) -> tuple[float, float]:
     """Seconds of the engine (with ``null``, a second raw loop) and of the raw loop, advanced in
-    alternating segments, the order swapped every round (A B, B A, A B, ...): whichever runs first
-    after a switch is measured ~0.5% slower here, and this way neither side always is."""
+    alternating segments, the order swapped every round (A B, B A, A B, ...; with ``raw_starts``
+    B A, A B, ...): whichever runs first after a switch is measured ~0.5% slower here, and this way
+    neither side always is; which side starts still counts (see the module's docstring)."""
     first = RawRun(recipe, data, epochs, limit, segment) if null else EngineRun(recipe, data, epochs, limit, out,
                                                                               segment)
     sides = [(first, [0.0]), (RawRun(recipe, data, epochs, limit, segment), [0.0])]
     round_ = 0
     while not all(run.done for run, _ in sides):
-        for run, seconds in sides if round_ % 2 == 0 else sides[::-1]:
+        for run, seconds in sides if (round_ + raw_starts) % 2 == 0 else sides[::-1]:
             if not run.done:
                 start = time.perf_counter()
                 run.step()
@@ -187,11 +191,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pair(args.recipe, data, 1, min(args.limit or 100, 100), f"{tmp}/warmup", args.segment)  # warm-up
         ratios = []
-        for i in range(args.pairs):
-            e, r = pair(args.recipe, data, args.epochs, args.limit, f"{tmp}/run{i}", args.segment, args.null)
+        for i in range(args.pairs):  # two pairs each: one started by the engine, one by the raw loop
+            runs = {first: pair(args.recipe, data, args.epochs, args.limit, f"{tmp}/run{i}-{int(first)}",
+                                args.segment, args.null, raw_starts=first) for first in (i % 2 == 1, i % 2 == 0)}
+            e, r = sum(run[0] for run in runs.values()), sum(run[1] for run in runs.values())
             ratios.append(e / r)
-            print(f"pair {i + 1}: {side} {e:.3f} s  raw {r:.3f} s  ratio {e / r:.4f}", flush=True)
-    print(f"median {side}/raw over {args.pairs} pairs; spread {min(ratios):.4f}..{max(ratios):.4f}")
+            starts = "A" if args.null else side
+            halves = f"{starts} started {runs[False][0] / runs[False][1]:.4f}, raw {runs[True][0] / runs[True][1]:.4f}"
+            print(f"pair {i + 1}: {side} {e:.3f} s  raw {r:.3f} s  ratio {e / r:.4f}  ({halves})", flush=True)
+    print(f"median {side}/raw over {args.pairs} pairs of runs; spread {min(ratios):.4f}..{max(ratios):.4f}")
     print(f"{'null' if args.null else 'overhead'}_ratio={statistics.median(ratios):.4f}")
 
 

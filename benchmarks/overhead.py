@@ -196,8 +196,9 @@ def main() -> None:
                                 args.segment, args.null, raw_starts=first) for first in (i % 2 == 1, i % 2 == 0)}
             e, r = sum(run[0] for run in runs.values()), sum(run[1] for run in runs.values())
             ratios.append(e / r)
-            starts = "A" if args.null else side
-            halves = f"{starts} started {runs[False][0] / runs[False][1]:.4f}, raw {runs[True][0] / runs[True][1]:.4f}"
+            first, second = ("A", "B") if args.null else (side, "raw")
+            (e0, r0), (e1, r1) = runs[False], runs[True]
+            halves = f"{first} started {e0 / r0:.4f}, {second} {e1 / r1:.4f}"
             print(f"pair {i + 1}: {side} {e:.3f} s  raw {r:.3f} s  ratio {e / r:.4f}  ({halves})", flush=True)
     print(f"median {side}/raw over {args.pairs} pairs of runs; spread {min(ratios):.4f}..{max(ratios):.4f}")
     print(f"{'null' if args.null else 'overhead'}_ratio={statistics.median(ratios):.4f}")

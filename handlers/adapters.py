@@ -8,6 +8,7 @@ that renames one of these attributes fails that test loudly instead of breaking 
 from __future__ import annotations
 
 import io
+import queue
 from typing import Any, Mapping
 
 import torch
@@ -15,8 +16,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-__all__ = ["add_image_fast", "checkpoint_items", "exception_handler_count", "flush_tensorboardx",
-           "release_workers", "set_checkpoint_items", "stream_progress"]
+__all__ = ["add_image_fast", "add_scalars_fast", "checkpoint_items", "exception_handler_count", "flush_tensorboardx",
+           "queue_in_thread", "release_workers", "set_checkpoint_items", "stream_progress"]
 
 
 def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
@@ -51,6 +52,45 @@ def flush_tensorboardx(writer: Any) -> None:
     events._ev_writer.flush()
     events._worker = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
     events._worker.start()
+
+
+class _ThreadQueue(queue.Queue):
+    """``queue.Queue`` with the ``close()`` that tensorboardX calls on its queue at the end."""
+
+    def close(self) -> None:
+        pass
+
+
+def queue_in_thread(writer: Any) -> bool:
+    """Hand a tensorboardX ``SummaryWriter``'s events to its writer thread through a ``queue.Queue``
+    instead of the ``multiprocessing.Queue`` it makes, which pickles every event and feeds a pipe
+    from one more thread (a put: 60-70 us against 25-30, measured here), for a thread of the same
+    process. Whether it was done (a writer without these internals is left as it is)."""
+    events = getattr(writer._get_file_writer(), "event_writer", None)
+    worker = getattr(events, "_worker", None)
+    if worker is None or not hasattr(worker, "stop") or events._closed:
+        return False
+    worker.stop()  # it writes what is queued first
+    old, events._event_queue = events._event_queue, _ThreadQueue(getattr(events._event_queue, "_maxsize", 10))
+    if hasattr(old, "join_thread"):  # the multiprocessing queue's feeder thread ends with it
+        old.close()
+        old.join_thread()
+    events._worker = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
+    events._worker.start()
+    return True
+
+
+def add_scalars_fast(writer: Any, values: Mapping[str, float], step: int) -> None:
+    """``writer.add_scalar(tag, value, step)`` for each item, as one event: the same records in
+    TensorBoard (one ``simple_value`` per tag at ``step``), without tensorboardX's conversion of each
+    value through numpy and one event, queue hand-over and checksum per value."""
+    if not values:
+        return
+    from tensorboardX.proto.summary_pb2 import Summary
+    from tensorboardX.summary import _clean_tag  # the tag as add_scalar writes it
+
+    summary = Summary(value=[Summary.Value(tag=_clean_tag(tag), simple_value=float(v)) for tag, v in values.items()])
+    writer._get_file_writer().add_summary(summary, step)
 
 
 def add_image_fast(writer: Any, tag: str, image: torch.Tensor, step: int) -> None:

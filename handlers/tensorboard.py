@@ -28,7 +28,7 @@ from ignite.handlers import TensorboardLogger
 from ignite.handlers.tensorboard_logger import GradsHistHandler, WeightsHistHandler
 from torch import nn
 
-from handlers.adapters import add_image_fast, flush_tensorboardx
+from handlers.adapters import add_image_fast, add_scalars_fast, flush_tensorboardx, queue_in_thread
 from handlers.history import History
 from handlers.images import confusion_matrix_image, labelled_grid
 from handlers.ordering import Stage, attach_ordered
@@ -149,6 +149,7 @@ class TensorBoardLogging:
         self.images_every = images_every
         self.logger = TensorboardLogger(log_dir=str(self.log_dir), purge_step=purge_step, flush_secs=flush_secs)
         self.writer = self.logger.writer
+        queue_in_thread(self.writer)
 
     def attach(self, trainer: Engine) -> "TensorBoardLogging":
         if self.log_every:
@@ -161,21 +162,24 @@ class TensorBoardLogging:
         return self
 
     def log_iteration(self, engine: Engine) -> None:
-        step, output = engine.state.iteration, engine.state.output
-        self.writer.add_scalar("loss/train_step", float(output["loss"]), step)
+        output = engine.state.output
+        values = {"loss/train_step": float(output["loss"])}
         if self.lr is not None:
-            self.writer.add_scalar("lr", self.lr(), step)
+            values["lr"] = self.lr()
         if "grad_norm" in output:
-            self.writer.add_scalar("grad_norm", float(output["grad_norm"]), step)
+            values["grad_norm"] = float(output["grad_norm"])
+        add_scalars_fast(self.writer, values, engine.state.iteration)
 
     def log_epoch(self, engine: Engine) -> None:
         epoch, metrics = engine.state.epoch, dict(engine.state.metrics)
         if self.history is not None and self.history.epochs and self.history.epochs[-1]["epoch"] == epoch:
             metrics.update(self.history.epochs[-1])  # epoch time and throughput
+        scalars = {}
         for key, value in metrics.items():
             tag = EPOCH_TAGS.get(key) or (None if key.endswith("samples") or key in _ROW_KEYS else f"metrics/{key}")
             if tag is not None and isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(tag, float(value), epoch)
+                scalars[tag] = float(value)
+        add_scalars_fast(self.writer, scalars, epoch)
         validated = any(k.startswith("val_") for k in engine.state.metrics)
         if validated and self.collector is not None and self.collector.confusion.numel() and self._images_due(engine):
             add_image_fast(self.writer, "val/confusion_matrix", confusion_matrix_image(self.collector.confusion), epoch)

@@ -3,6 +3,7 @@ a release that renames one fails here, loudly, instead of breaking runs quietly.
 
 from __future__ import annotations
 
+import pytest
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -48,6 +49,44 @@ def test_flush_gets_queued_events_into_the_file_with_the_writer_open(tmp_path):
         assert [e.step for e in acc.Scalars("x")] == list(range(6))
     finally:
         writer.close()
+
+
+def test_tensorboardx_checksums_records_in_c():
+    from tensorboardX import crc32c
+
+    assert crc32c._crc32c_native is not None  # the crc32c package is installed and tensorboardX found it
+    assert crc32c.crc32c(b"123456789") == crc32c._crc32c(b"123456789") == 0xE3069283  # CRC-32C's check value
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_fast_scalars_read_back_as_add_scalar_writes_them(tmp_path, in_thread):
+    from handlers.adapters import add_scalars_fast, queue_in_thread
+
+    writer = SummaryWriter(str(tmp_path / "fast"), max_queue=3)
+    if in_thread:
+        assert queue_in_thread(writer)
+        assert type(writer._get_file_writer().event_writer._event_queue).__module__ == "handlers.adapters"
+    slow = SummaryWriter(str(tmp_path / "slow"))
+    values = {"loss/train_step": 0.25, "lr": 1e-3, "bad tag!": float("nan")}
+    try:
+        for step in range(1, 9):  # more events than the queue holds: the writer thread keeps up
+            add_scalars_fast(writer, {tag: v * step for tag, v in values.items()}, step)
+            for tag, v in values.items():
+                slow.add_scalar(tag, v * step, step)
+        flush_tensorboardx(writer)
+        first = EventAccumulator(str(tmp_path / "fast"))
+        first.Reload()
+        assert [e.step for e in first.Scalars("lr")] == list(range(1, 9))  # in the file while the writer is open
+    finally:
+        writer.close()
+        slow.close()
+    read = []
+    for name in ("fast", "slow"):
+        acc = EventAccumulator(str(tmp_path / name))
+        acc.Reload()
+        read.append({tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
+    assert set(read[0]) == {"loss/train_step", "lr", "bad_tag_"}
+    assert str(read[0]) == str(read[1])  # the same tags, steps and float32 values (NaN included)
 
 
 def test_fast_images_read_back_as_tensorboardx_writes_them(tmp_path):

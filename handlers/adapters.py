@@ -16,7 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-__all__ = ["add_image_fast", "add_scalars_fast", "checkpoint_items", "exception_handler_count", "flush_tensorboardx",
+__all__ = ["add_hparams_fast", "add_image_fast", "add_scalars_fast", "checkpoint_items", "exception_handler_count", "flush_tensorboardx",
            "queue_in_thread", "release_workers", "set_checkpoint_items", "stream_progress"]
 
 
@@ -91,6 +91,30 @@ def add_scalars_fast(writer: Any, values: Mapping[str, float], step: int) -> Non
 
     summary = Summary(value=[Summary.Value(tag=_clean_tag(tag), simple_value=float(v)) for tag, v in values.items()])
     writer._get_file_writer().add_summary(summary, step)
+
+
+def add_hparams_fast(writer: Any, hparams: Mapping[str, Any], metrics: Mapping[str, float], name: str) -> None:
+    """``writer.add_hparams(hparams, metrics, name=name)``: the same records in the same sub-run
+    (``<logdir>/<name>``), written and closed here, without the second ``SummaryWriter`` (its queue
+    and writer thread, started and stopped) that tensorboardX makes for them."""
+    import os
+    import time
+
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.proto.summary_pb2 import Summary
+    from tensorboardX.summary import _clean_tag, hparams as hparams_summaries
+
+    summaries = list(hparams_summaries(dict(hparams), dict(metrics)))
+    summaries += [Summary(value=[Summary.Value(tag=_clean_tag(k), simple_value=float(v))]) for k, v in metrics.items()]
+    logdir = os.path.join(writer._get_file_writer().get_logdir(), name)
+    os.makedirs(logdir, exist_ok=True)
+    events = EventsWriter(os.path.join(logdir, "events"))
+    try:
+        for summary in summaries:
+            events.write_event(event_pb2.Event(summary=summary, wall_time=time.time()))
+    finally:
+        events.close()
 
 
 def add_image_fast(writer: Any, tag: str, image: torch.Tensor, step: int) -> None:

@@ -28,7 +28,7 @@ from ignite.handlers import TensorboardLogger
 from ignite.handlers.tensorboard_logger import GradsHistHandler, WeightsHistHandler
 from torch import nn
 
-from handlers.adapters import add_image_fast, add_scalars_fast, flush_tensorboardx, queue_in_thread
+from handlers.adapters import add_hparams_fast, add_image_fast, add_scalars_fast, flush_tensorboardx, queue_in_thread
 from handlers.history import History
 from handlers.images import confusion_matrix_image, labelled_grid
 from handlers.ordering import Stage, attach_ordered
@@ -204,8 +204,7 @@ class TensorBoardLogging:
         """The resolved config and final figures, for the HParams tab (sub-run ``hparams``)."""
         plain = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        self.writer.add_hparams(plain, clean, name="hparams")
-        self.writer.flush()
+        add_hparams_fast(self.writer, plain, clean, name="hparams")
 
     def close(self) -> None:
         self.logger.close()

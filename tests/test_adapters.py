@@ -89,6 +89,32 @@ def test_fast_scalars_read_back_as_add_scalar_writes_them(tmp_path, in_thread):
     assert str(read[0]) == str(read[1])  # the same tags, steps and float32 values (NaN included)
 
 
+def test_fast_hparams_read_back_as_add_hparams_writes_them(tmp_path):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from handlers.adapters import add_hparams_fast
+
+    hparams, metrics = {"lr": 0.01, "model": "cnn", "amp": True, "epochs": 3}, {"hparam/best": 0.99, "hparam/epoch": 2}
+    for name in ("fast", "slow"):
+        writer = SummaryWriter(str(tmp_path / name))
+        try:
+            if name == "fast":
+                add_hparams_fast(writer, hparams, metrics, name="hparams")
+            else:
+                writer.add_hparams(hparams, metrics, name="hparams")
+        finally:
+            writer.close()
+    read = []
+    for name in ("fast", "slow"):
+        acc = EventAccumulator(str(tmp_path / name / "hparams"))
+        acc.Reload()
+        content = {tag: plugin_data_pb2.HParamsPluginData.FromString(v)
+                   for tag, v in acc.PluginTagToContent("hparams").items()}
+        scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+        read.append((content, scalars))
+    assert read[0] == read[1] and read[0][1]["hparam/best"][0][1] == pytest.approx(0.99)
+
+
 def test_fast_images_read_back_as_tensorboardx_writes_them(tmp_path):
     import io
 

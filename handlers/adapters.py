@@ -8,11 +8,13 @@ that renames one of these attributes fails that test loudly instead of breaking 
 from __future__ import annotations
 
 import io
+import os
 import queue
-from typing import Any, Mapping
+import time
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
@@ -97,13 +99,11 @@ def add_hparams_fast(writer: Any, hparams: Mapping[str, Any], metrics: Mapping[s
     """``writer.add_hparams(hparams, metrics, name=name)``: the same records in the same sub-run
     (``<logdir>/<name>``), written and closed here, without the second ``SummaryWriter`` (its queue
     and writer thread, started and stopped) that tensorboardX makes for them."""
-    import os
-    import time
-
     from tensorboardX.event_file_writer import EventsWriter
     from tensorboardX.proto import event_pb2
     from tensorboardX.proto.summary_pb2 import Summary
-    from tensorboardX.summary import _clean_tag, hparams as hparams_summaries
+    from tensorboardX.summary import _clean_tag
+    from tensorboardX.summary import hparams as hparams_summaries
 
     summaries = list(hparams_summaries(dict(hparams), dict(metrics)))
     summaries += [Summary(value=[Summary.Value(tag=_clean_tag(k), simple_value=float(v))]) for k, v in metrics.items()]

@@ -351,8 +351,8 @@ def _record_summary(run: Run, info: dict[str, Any]) -> None:
 def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable, handlers: Sequence[Any],
                      train_loss_fn: Callable | None = None, accuracy_view: AccuracyView | None = None) -> None:
     s, trainer, evaluator = run.settings, run.trainer, run.evaluator
-    run.train_metrics = TrainMetrics(accuracy=run.classification, loss_fn=train_loss_fn,
-                                     accuracy_view=accuracy_view).attach(trainer)
+    run.train_metrics = TrainMetrics(accuracy=run.classification, loss_fn=train_loss_fn, accuracy_view=accuracy_view,
+                                     flush_every=s.log_every).attach(trainer)
     Validation(evaluator, val_loader, every=s.val_every, watched={"monitor": run.monitor}).attach(trainer)
     run.lr_schedule = LRSchedule(s.scheduler, to_save["optimizer"], epochs=s.epochs, epoch_length=_epoch_length(run),
                                  warmup_epochs=s.warmup_epochs, metric=run.monitor, mode=run.mode).attach(trainer)

@@ -9,6 +9,7 @@ from torch import nn
 
 from engine import RunSettings, create_evaluator, create_trainer, default_metrics
 from handlers import SampleCount, TrainMetrics, build_run, make_optimizer
+from handlers.metrics import _GROUP_BATCHES
 
 
 def data(sizes, seed=0):
@@ -109,10 +110,14 @@ def outputs(sizes, classes=3, seed=0, length=None):
     return out
 
 
-def feed(batches, metrics, *, every=None, stop_at=None):
+def feed(batches, metrics, *, every=None, stop_at=None, start_at=0):
     """Run ``metrics`` (TrainMetrics, attached) over the outputs as one epoch; optionally look at the
-    running means every ``every`` batches, or stop after ``stop_at`` and return the state then."""
+    running means every ``every`` batches, or stop after ``stop_at`` and return the state then.
+    ``start_at``: resume the epoch after that many iterations (Ignite's own mid-epoch resume), the
+    batches given being the rest of it."""
     trainer = Engine(lambda engine, batch: batch)
+    if start_at:
+        trainer.load_state_dict({"iteration": start_at, "epoch_length": start_at + len(batches), "max_epochs": 1})
     metrics.attach(trainer)
     seen = {}
     if every:
@@ -151,20 +156,39 @@ def test_looking_at_the_running_means_changes_no_bit_of_the_result(loss_fn):
     alone, _ = feed(batches, TrainMetrics(loss_fn=loss_fn))
     looked, seen = feed(batches, TrainMetrics(loss_fn=loss_fn), every=7)
     assert looked == alone
-    y = torch.cat([b["y"] for b in batches])  # the last look: after batch 42, with 10 of them held back
+    y = torch.cat([b["y"] for b in batches])  # the last look: after batch 42, all of them held back (up to 64 are)
     assert seen["train_accuracy"] == (torch.cat([b["y_pred"] for b in batches]).argmax(1) == y).sum().item() / len(y)
 
 
-@pytest.mark.parametrize("stop_at", [5, 16, 23])
-def test_a_resume_from_mid_group_sums_to_the_last_bit(stop_at):
-    batches = outputs([10] * 40)
-    straight, _ = feed(batches, TrainMetrics())
-    _, seen = feed(batches, TrainMetrics(), stop_at=stop_at)
+@pytest.mark.parametrize("loss_fn", [None, nn.CrossEntropyLoss()])
+def test_a_line_at_the_flush_cadence_finds_nothing_held_back(loss_fn):
+    batches = outputs([10] * 41 + [5])
+    plain, _ = feed(batches, TrainMetrics(loss_fn=loss_fn))
+    metrics = TrainMetrics(loss_fn=loss_fn, flush_every=7)
+    looked, seen = feed(batches, metrics, every=7)
+    assert looked["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-6)
+    assert looked["train_accuracy"] == plain["train_accuracy"]
+    assert not metrics._group  # the last look, after batch 42: the group had just been closed
+    logits, y = torch.cat([b["y_pred"] for b in batches]), torch.cat([b["y"] for b in batches])
+    assert seen["train_accuracy"] == (logits.argmax(1) == y).sum().item() / len(y)
+    if loss_fn is not None:
+        assert seen["train_loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+    with pytest.raises(TypeError, match="flush_every"):
+        TrainMetrics(flush_every=-1)
+
+
+@pytest.mark.parametrize("flush_every", [0, 10])
+@pytest.mark.parametrize("stop_at", [5, 16, 23, 64, 70])
+def test_a_resume_from_mid_group_sums_to_the_last_bit(stop_at, flush_every):
+    batches = outputs([10] * 80)
+    straight, _ = feed(batches, TrainMetrics(flush_every=flush_every))
+    _, seen = feed(batches, TrainMetrics(flush_every=flush_every), stop_at=stop_at)
     state = seen["state"]
-    assert state["mid_epoch"] and len(state["held_back"][0]) == stop_at % 16  # one list per rank
-    resumed = TrainMetrics()
+    held = stop_at % (flush_every or _GROUP_BATCHES)
+    assert state["mid_epoch"] and len(state["held_back"][0]) == held  # one list per rank
+    resumed = TrainMetrics(flush_every=flush_every)
     resumed.load_state_dict(state)
-    rest, _ = feed(batches[stop_at:], resumed)
+    rest, _ = feed(batches[stop_at:], resumed, start_at=stop_at)
     assert rest == straight
 
 

@@ -12,7 +12,7 @@ from ignite.metrics import Accuracy, Loss, Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from engine.device import to_device
-from engine.epoch import mid_epoch
+from engine.epoch import batch_in_epoch, mid_epoch
 from handlers.ordering import Stage, attach_ordered
 
 __all__ = ["AccuracyView", "SampleCount", "TrainMetrics"]
@@ -92,7 +92,8 @@ class TrainMetrics:
     :meth:`state_dict`, so a resumed run groups, and sums, exactly as an uninterrupted one. Outputs
     that cannot be concatenated (other shapes, dtypes or devices than the group's, or not tensors)
     close the group first; large ones go alone. With ``flush_every`` the group is also closed after
-    every iteration divisible by it (the run passes the console's ``log_every``): a line printed
+    every batch of the epoch whose number is divisible by it (the run passes the console's
+    ``log_every``; the count starts again with each epoch, as the console's does): a line printed
     then finds nothing held back, so :meth:`running` costs two reads instead of a copy of the
     metrics and a second update with the same batches.
     """
@@ -142,7 +143,7 @@ class TrainMetrics:
         self._group.append(item)
         self._group_elements += item[1].numel() if isinstance(item[1], torch.Tensor) else _GROUP_ELEMENTS
         if len(self._group) >= _GROUP_BATCHES or self._group_elements >= _GROUP_ELEMENTS or (
-                self.flush_every and engine.state.iteration % self.flush_every == 0):
+                self.flush_every and batch_in_epoch(engine.state) % self.flush_every == 0):
             self._flush()
 
     def _flush(self, engine: Engine | None = None) -> None:

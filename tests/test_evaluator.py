@@ -8,7 +8,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from engine import RunSettings, create_evaluator, create_trainer, default_metrics
-from handlers import SampleCount, TrainMetrics, build_run, make_optimizer
+from handlers import ConsoleLogger, SampleCount, TrainMetrics, build_run, make_optimizer
 from handlers.metrics import _GROUP_BATCHES
 
 
@@ -175,6 +175,24 @@ def test_a_line_at_the_flush_cadence_finds_nothing_held_back(loss_fn):
         assert seen["train_loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
     with pytest.raises(TypeError, match="flush_every"):
         TrainMetrics(flush_every=-1)
+
+
+def console_lines(batches, flush_every, epochs=2):
+    """The console's batch lines over ``epochs`` epochs, each with how many batches were held back then."""
+    metrics, lines = TrainMetrics(flush_every=flush_every), []
+    trainer = Engine(lambda engine, batch: batch)
+    metrics.attach(trainer)
+    ConsoleLogger(metrics, log_every=4, write=lambda line: lines.append((line, len(metrics._group)))).attach(trainer)
+    trainer.run(batches, max_epochs=epochs)
+    return [line for line, _ in lines if "Batch" in line], [held for line, held in lines if "Batch" in line]
+
+
+def test_the_consoles_lines_in_every_epoch_find_nothing_held_back_and_read_alike():
+    batches = outputs([10] * 9 + [3])  # epochs of 10 batches: lines at batches 4 and 8 of each
+    plain, held_plain = console_lines(batches, flush_every=0)
+    flushed, held = console_lines(batches, flush_every=4)
+    assert held_plain == [4, 8, 4, 8] and held == [0, 0, 0, 0]  # in epoch 2 too (iteration 14 is its batch 4)
+    assert flushed == plain and len(plain) == 4
 
 
 @pytest.mark.parametrize("flush_every", [0, 10])

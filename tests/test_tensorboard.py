@@ -167,3 +167,33 @@ def test_an_epochs_scalars_are_in_the_file_when_its_logging_returns(tmp_path):
             assert [e.step for e in acc.Scalars("accuracy/val")] == list(range(1, epoch + 1))
     finally:
         tb.close()
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 5), (3, 4, 6), (5, 5)])
+def test_the_collector_keeps_the_first_misclassified_samples_their_labels_and_all_the_counts(shape):
+    import torch
+    from ignite.engine import Engine
+
+    from handlers.tensorboard import MisclassifiedCollector
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(8, *shape, generator=g), torch.randn(8, 4, generator=g), torch.randint(0, 4, (8,), generator=g))
+               for _ in range(3)]
+
+    def step(engine, batch):
+        engine.state.inputs = batch[0]
+        return batch[1], batch[2]
+
+    evaluator = Engine(step)
+    collector = MisclassifiedCollector(limit=5).attach(evaluator)
+    evaluator.run(batches)
+    wrong = [(x[i], int(p[i].argmax()), int(y[i])) for x, p, y in batches for i in range(8) if p[i].argmax() != y[i]]
+    assert len(wrong) > 5  # the limit cuts inside a batch
+    assert collector.labels == [(pred, true) for _, pred, true in wrong[:5]]
+    for kept, (x, _, _) in zip(collector.images, wrong[:5], strict=True):
+        assert torch.equal(kept, x.reshape(-1, *shape[-2:]))
+    expected = torch.zeros(4, 4, dtype=torch.long)
+    for _, p, y in batches:
+        for pred, true in zip(p.argmax(1).tolist(), y.tolist()):
+            expected[true, pred] += 1
+    assert torch.equal(collector.confusion, expected)

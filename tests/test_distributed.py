@@ -22,13 +22,15 @@ from tests.conftest import SCRIPT, run_main, run_script
 
 pytestmark = pytest.mark.slow
 ARGS = ["--limit-train-batches", "40", "--log-every", "20", "--no-progress", "--seed", "2", "--patience", "0"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+def torchrun_cmd(logs: Path) -> list[str]:
+    """torchrun on two processes, its own log folders (one a run, never removed) under ``logs``, not in /tmp."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(logs)]
 
 
-def torchrun(*args: str, mnist: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(*args: str, mnist: Path, logs: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return forkserver.run([*TORCHRUN, str(SCRIPT), *args, "--data-dir", str(mnist)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return forkserver.run([*torchrun_cmd(logs), str(SCRIPT), *args, "--data-dir", str(mnist)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
 
 
 def _free_port() -> int:
@@ -44,7 +46,7 @@ def history(out: Path) -> list[dict]:
 def test_two_processes_under_torchrun_write_once_and_count_every_test_sample(mnist_root, tmp_path):
     out = tmp_path / "ddp"
     args = [*ARGS, "--limit-train-batches", "100"]
-    proc = torchrun(*args, "--epochs", "1", "--output-dir", str(out), mnist=mnist_root)
+    proc = torchrun(*args, "--epochs", "1", "--output-dir", str(out), mnist=mnist_root, logs=tmp_path / "torchrun")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = history(out)
     assert len(rows) == 1 and rows[0]["val_samples"] == 10000
@@ -89,7 +91,7 @@ def starting(method: str | None) -> tuple[str, str]:
 
 def test_one_rank_failing_ends_every_rank_non_zero(mnist_root, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    launcher = forkserver.popen([*TORCHRUN, str(SCRIPT), *ARGS, "--epochs", "3", "--preset", "seed",
+    launcher = forkserver.popen([*torchrun_cmd(tmp_path / "torchrun"), str(SCRIPT), *ARGS, "--epochs", "3", "--preset", "seed",
                                  "--output-dir", str(tmp_path / "run"), "--data-dir", str(mnist_root)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
@@ -202,7 +204,7 @@ def uninterrupted(mnist_root, tmp_path_factory):
 def test_torchrun_restarts_a_killed_worker_and_the_run_equals_an_uninterrupted_one(
         uninterrupted, mnist_root, tmp_path, path, victim, at):  # fmt: skip
     out = tmp_path / "killed"
-    cmd = [*TORCHRUN, "--max-restarts", "2", str(SCRIPT), *RECIPES[path], *FT, "--data-path", path,
+    cmd = [*torchrun_cmd(tmp_path / "torchrun"), "--max-restarts", "2", str(SCRIPT), *RECIPES[path], *FT, "--data-path", path,
            "--output-dir", str(out), "--resume", "auto", "--data-dir", str(mnist_root)]
     proc, _ = _kill_worker_after(cmd, out, victim, at)  # mid-epoch 2
     text, _ = proc.communicate(timeout=300)
@@ -219,8 +221,8 @@ def test_two_simulated_nodes_equal_one_node_with_two_processes(uninterrupted, mn
     out, port = tmp_path / "nodes", _free_port()
     nodes = [forkserver.popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-id", "test",
-                               "--rdzv-endpoint", f"127.0.0.1:{port}", str(SCRIPT), *RECIPES["memory"], *FT,
-                               "--output-dir", str(out), "--data-dir", str(mnist_root)],
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--log-dir", str(tmp_path / f"torchrun{node}"),
+                               str(SCRIPT), *RECIPES["memory"], *FT, "--output-dir", str(out), "--data-dir", str(mnist_root)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
              for node in (0, 1)]  # fmt: skip
     texts = [node.communicate(timeout=300)[0] for node in nodes]

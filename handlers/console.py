@@ -10,6 +10,7 @@ import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from tqdm import tqdm
 
+from engine.epoch import batch_in_epoch
 from handlers.metrics import TrainMetrics
 from handlers.ordering import Stage, attach_ordered
 
@@ -63,18 +64,15 @@ class ConsoleLogger:
             every = self.log_every
 
             def due(engine: Engine, iteration: int) -> bool:
-                length = engine.state.epoch_length  # None during a stream's first pass
-                return ((iteration - 1) % length + 1 if length else iteration) % every == 0
+                return _batch(engine.state) % every == 0
 
             trainer.add_event_handler(Events.ITERATION_COMPLETED(event_filter=due), self.batch_line)
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self.epoch_lines, Stage.LOGGING)
         return self
 
     def batch_line(self, engine: Engine) -> None:
-        length = engine.state.epoch_length
-        batch = (engine.state.iteration - 1) % length + 1 if length else engine.state.iteration
         figures = _figures(self.train_metrics.running(), self.train_metrics.prefix, "Train")
-        self.write(f"Epoch {engine.state.epoch}, Batch {batch}, {figures}")
+        self.write(f"Epoch {engine.state.epoch}, Batch {_batch(engine.state)}, {figures}")
 
     def epoch_lines(self, engine: Engine) -> None:
         m, e = engine.state.metrics, engine.state.epoch
@@ -83,6 +81,11 @@ class ConsoleLogger:
             self.write(f"Epoch {e}, {_figures(m, p, 'Train')}")
         if "val_loss" in m:
             self.write(f"Epoch {e}, {_figures(m, 'val_', 'Val')}")
+
+
+def _batch(state: Any) -> int:
+    """The number of the batch just done within its epoch, from 1 (the epoch's last: its length)."""
+    return batch_in_epoch(state) or state.epoch_length
 
 
 def _figures(metrics: Mapping[str, Any], prefix: str, label: str) -> str:

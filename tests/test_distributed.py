@@ -22,6 +22,8 @@ from tests.conftest import SCRIPT, run_main, run_script
 
 pytestmark = pytest.mark.slow
 ARGS = ["--limit-train-batches", "40", "--log-every", "20", "--no-progress", "--seed", "2", "--patience", "0"]
+
+
 def torchrun_cmd(logs: Path) -> list[str]:
     """torchrun on two processes, its own log folders (one a run, never removed) under ``logs``, not in /tmp."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(logs)]
@@ -91,8 +93,9 @@ def starting(method: str | None) -> tuple[str, str]:
 
 def test_one_rank_failing_ends_every_rank_non_zero(mnist_root, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    launcher = forkserver.popen([*torchrun_cmd(tmp_path / "torchrun"), str(SCRIPT), *ARGS, "--epochs", "3", "--preset", "seed",
-                                 "--output-dir", str(tmp_path / "run"), "--data-dir", str(mnist_root)],
+    launcher = forkserver.popen([*torchrun_cmd(tmp_path / "torchrun"), str(SCRIPT), *ARGS, "--epochs", "3",
+                                 "--preset", "seed", "--output-dir", str(tmp_path / "run"),
+                                 "--data-dir", str(mnist_root)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
     workers: dict[int, int] = {}
@@ -204,8 +207,8 @@ def uninterrupted(mnist_root, tmp_path_factory):
 def test_torchrun_restarts_a_killed_worker_and_the_run_equals_an_uninterrupted_one(
         uninterrupted, mnist_root, tmp_path, path, victim, at):  # fmt: skip
     out = tmp_path / "killed"
-    cmd = [*torchrun_cmd(tmp_path / "torchrun"), "--max-restarts", "2", str(SCRIPT), *RECIPES[path], *FT, "--data-path", path,
-           "--output-dir", str(out), "--resume", "auto", "--data-dir", str(mnist_root)]
+    cmd = [*torchrun_cmd(tmp_path / "torchrun"), "--max-restarts", "2", str(SCRIPT), *RECIPES[path], *FT,
+           "--data-path", path, "--output-dir", str(out), "--resume", "auto", "--data-dir", str(mnist_root)]
     proc, _ = _kill_worker_after(cmd, out, victim, at)  # mid-epoch 2
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, text[-4000:]
@@ -222,7 +225,8 @@ def test_two_simulated_nodes_equal_one_node_with_two_processes(uninterrupted, mn
     nodes = [forkserver.popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-id", "test",
                                "--rdzv-endpoint", f"127.0.0.1:{port}", "--log-dir", str(tmp_path / f"torchrun{node}"),
-                               str(SCRIPT), *RECIPES["memory"], *FT, "--output-dir", str(out), "--data-dir", str(mnist_root)],
+                               str(SCRIPT), *RECIPES["memory"], *FT, "--output-dir", str(out),
+                               "--data-dir", str(mnist_root)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
              for node in (0, 1)]  # fmt: skip
     texts = [node.communicate(timeout=300)[0] for node in nodes]

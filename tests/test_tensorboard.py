@@ -177,8 +177,8 @@ def test_the_collector_keeps_the_first_misclassified_samples_their_labels_and_al
     from handlers.tensorboard import MisclassifiedCollector
 
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.rand(8, *shape, generator=g), torch.randn(8, 4, generator=g), torch.randint(0, 4, (8,), generator=g))
-               for _ in range(3)]
+    batches = [(torch.rand(8, *shape, generator=g), torch.randn(8, 4, generator=g),
+                torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
 
     def step(engine, batch):
         engine.state.inputs = batch[0]

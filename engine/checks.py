@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from engine.amp import autocast_context
 from engine.data import InMemoryLoader
-from engine.device import tensors_in
+from engine.device import split_batch, tensors_in
 from engine.errors import ConfigError
 
-__all__ = ["check_batch", "check_first_batches", "check_targets", "class_balance", "diagnose", "has_batch_norm",
+__all__ = ["BatchError", "LabelGuard", "check_batch", "check_first_batches", "check_targets", "class_balance", "diagnose", "has_batch_norm",
            "input_mismatch", "peek_batch", "pixel_scale", "probability_outputs", "unregistered"]
 
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
@@ -123,6 +123,56 @@ def check_targets(y: torch.Tensor, classes: int, name: str, ignore_index: int = 
         raise ConfigError(f"the {name} set holds class {bad}, but the model has {classes} outputs (classes 0 to "
                           f"{classes - 1}): give the model {max(high + 1, classes)} outputs, or map the labels to "
                           f"0..{classes - 1}")
+
+
+class BatchError(ConfigError):
+    """A batch met during the run that the model cannot take (the run adds where it was found)."""
+
+
+class LabelGuard:
+    """A ``prepare_batch`` that checks each batch's class labels on the host before they are copied
+    to the device: on a GPU a label out of range is a device-side assert inside the loss kernel,
+    which kills the process's CUDA context (nothing can be saved after it); here it is one line,
+    as on a CPU. Labels already on the device (a set held there, checked whole once) and batches
+    of other shapes pass unchecked. The check is two reductions over a CPU tensor of batch size
+    (a few microseconds), and it makes the host wait for nothing.
+
+    Args:
+        prepare_batch: the run's ``prepare_batch(batch, device, non_blocking) -> (x, y)``.
+        name: the set, in the message (``"training"``, ``"validation"``).
+        classes: the model's outputs per sample (labels must lie in ``[0, classes)``); ``None`` (a
+            stream, whose first batch could not be read ahead): ``probe(batch)`` finds it from the first
+            batch met (:func:`check_batch`, which checks that batch whole).
+        ignore_index: the loss's label to ignore (cross-entropy's ``-100``).
+    """
+
+    def __init__(self, prepare_batch: Callable, name: str, classes: int | None, ignore_index: int = -100,
+                 probe: Callable[[Any], int | None] | None = None) -> None:  # fmt: skip
+        if not callable(prepare_batch):
+            raise TypeError(f"prepare_batch must be callable, got {type(prepare_batch).__name__}")
+        if classes is None and probe is None:
+            raise ValueError("without classes, a probe(batch) -> classes is needed")
+        if classes is not None and (not isinstance(classes, int) or classes < 1):
+            raise ValueError(f"classes must be a positive integer, got {classes!r}")
+        self.prepare_batch, self.name, self.classes, self.ignore_index = prepare_batch, name, classes, ignore_index
+        self.probe = probe
+
+    def __call__(self, batch: Any, device: torch.device, non_blocking: bool = False) -> tuple[Any, Any]:
+        if self.classes is None:
+            self.classes = self.probe(batch) or 0  # 0: not class labels after all; nothing to check
+        try:
+            y = split_batch(batch)[1]
+        except ConfigError:  # a structure only the user's prepare_batch knows
+            y = None
+        if self.classes and isinstance(y, torch.Tensor) and y.device.type == "cpu" and y.numel() \
+                and not y.is_floating_point() and y.dtype != torch.bool:  # fmt: skip
+            low, high = torch.aminmax(y)
+            if low < 0 or high >= self.classes:
+                try:
+                    check_targets(y, self.classes, self.name, self.ignore_index)
+                except ConfigError as exc:
+                    raise BatchError(str(exc)) from None
+        return self.prepare_batch(batch, device, non_blocking)
 
 
 def diagnose(y_pred: Any, y: Any, *, classification: bool, loss_fn: Callable, name: str) -> str | None:
@@ -276,10 +326,11 @@ def check_batch(
     amp: str | None = None,
     all_targets: torch.Tensor | None = None,
     log: Callable[[str], None] | None = None,
-) -> None:
+) -> int | None:
     """One forward of ``batch`` in eval mode, then :func:`diagnose`: a :class:`ConfigError` naming
     ``name`` for the first mismatch. ``all_targets`` (a set held as tensors): every label is checked.
-    ``log``: what is odd but not wrong is said there (outputs that are already probabilities)."""
+    ``log``: what is odd but not wrong is said there (outputs that are already probabilities).
+    Returns the number of classes when the loss takes class labels (the output's width), else ``None``."""
     from engine.trainer import predict
 
     was_training = model.training
@@ -304,15 +355,18 @@ def check_batch(
         labels = isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and y_pred.dim() >= 2
         if classification and labels and all_targets is not None and not all_targets.is_floating_point():
             check_targets(all_targets, y_pred.shape[1], name, getattr(loss_fn, "ignore_index", -100))
+        return int(y_pred.shape[1]) if classification and labels else None
     finally:
         model.train(was_training)
 
 
 def check_first_batches(model: nn.Module, loaders: dict[str, Any], log: Callable[[str], None] | None = None,
-                        **options: Any) -> None:
+                        **options: Any) -> int | None:
     """:func:`check_batch` on the first few samples of each set (``{"training": loader, ...}``) that
     can be read without moving it on, every label of those held as tensors; loaders keep their place.
-    ``log``: :func:`check_batch`'s, for the first set checked."""
+    ``log``: :func:`check_batch`'s, for the first set checked. Returns the number of classes the
+    model's output has (when its loss takes class labels and a set could be read), else ``None``."""
+    classes = None
     for name, loader in loaders.items():
         try:
             batch = peek_batch(loader)
@@ -334,5 +388,6 @@ def check_first_batches(model: nn.Module, loaders: dict[str, Any], log: Callable
                               f"collate_fn=fn(samples) -> batch") from exc
         if batch is not None:
             targets = loader.y if isinstance(loader, InMemoryLoader) else None
-            check_batch(model, batch, name, all_targets=targets, log=log, **options)
+            classes = check_batch(model, batch, name, all_targets=targets, log=log, **options) or classes
             log = None  # said once
+    return classes

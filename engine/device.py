@@ -1,15 +1,24 @@
-"""Pick the device to train on and move batches onto it."""
+"""Where a run's tensors live, decided once (:class:`RunDevice`), and moving batches onto it.
+
+Every path of a run (loaders, checks, metrics, images, the LR finder, EMA, evaluate, predict,
+checkpoints, the RNG state) asks the run's :class:`RunDevice` instead of guessing from what CUDA
+the machine has: a process that trains on the CPU of a GPU machine never touches its GPU.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
 
 import torch
+from torch import nn
 
 from engine.errors import ConfigError, param
 
-__all__ = ["available_memory", "move_batch", "prepare_batch", "resolve_device", "split_batch", "tensors_in",
-           "to_device"]
+__all__ = ["RunDevice", "available_memory", "check_processes", "keep_off_gpus", "model_device", "move_batch", "prepare_batch",
+           "resolve_device", "returned_home", "send_home", "split_batch", "tensors_in", "to_device", "to_host"]
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -43,6 +52,139 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
         raise ConfigError(f"device {name!r} asked for, but MPS is not available here: "
                           f"use {param('device', 'cpu')} or auto")
     return device
+
+
+def _gpus() -> int:
+    """GPUs this process can see (no CUDA context is made: ``device_count`` asks NVML first)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _too_many(processes: int, gpus: int, where: str) -> ConfigError:
+    return ConfigError(f"{where} {processes} processes on this machine, which has {gpus} GPU(s): each process "
+                       f"trains on a GPU of its own; use {param('nproc_per_node', min(gpus, processes) or 1)} "
+                       f"(or fewer), or {param('device', 'cpu')} for {processes} CPU processes (gloo)")
+
+
+def check_processes(device: str | torch.device | None, processes: int) -> None:
+    """Before ``processes`` processes are started on this machine for ``device``: on CUDA, one GPU
+    each, or one line (a :class:`ConfigError`) naming how many GPUs there are and the ways out."""
+    if processes > 1 and resolve_device(device).type == "cuda" and processes > _gpus():
+        raise _too_many(processes, _gpus(), f"{param('nproc_per_node')} {processes} asks for")
+
+
+def keep_off_gpus() -> bool:
+    """Hide the machine's GPUs from this process and the processes it starts (``CUDA_VISIBLE_DEVICES``
+    empty), before CUDA starts here: for the processes of a run on the CPU of a GPU machine. Without it
+    their collectives would run on GPU 0 (Ignite's ``idist.device()`` is a GPU whenever CUDA is there,
+    whatever the backend), every process making a CUDA context there. Whether it could still be done."""
+    if torch.cuda.is_initialized():
+        return False
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return True
+
+
+@dataclass(frozen=True)
+class RunDevice:
+    """The one owner of where a run's tensors live: decided once per process by :meth:`of`.
+
+    ``device`` is where the model, the batches and the metrics' sums are; ``pin_memory`` and
+    ``non_blocking`` say how loaders copy batches there; ``backend`` is the process group's (NCCL
+    on CUDA, gloo elsewhere); ``generator_device`` is the device whose random generator the run
+    draws from besides the CPU's (its state goes into checkpoints), ``None`` off CUDA.
+    """
+
+    device: torch.device
+
+    @classmethod
+    def of(cls, name: str | torch.device | None = "auto", *, local_rank: int = 0,
+           local_world_size: int = 1) -> "RunDevice":  # fmt: skip
+        """``name`` resolved (:func:`resolve_device`); in a launched run on CUDA, the GPU of this
+        process's ``local_rank``. More processes on this machine than GPUs: one line from each."""
+        device = resolve_device(name)
+        if device.type == "cuda" and local_world_size > 1:
+            if local_world_size > _gpus():
+                raise _too_many(local_world_size, _gpus(), "the launcher started")
+            device = torch.device("cuda", local_rank)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return cls(device)
+
+    @property
+    def type(self) -> str:
+        return self.device.type
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.is_cuda
+
+    @property
+    def non_blocking(self) -> bool:
+        return self.is_cuda
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.is_cuda else "gloo"
+
+    @property
+    def generator_device(self) -> torch.device | None:
+        return self.device if self.is_cuda else None
+
+    def activate(self) -> "RunDevice":
+        """Make ``device`` this process's current CUDA device (a no-op elsewhere)."""
+        if self.is_cuda:
+            torch.cuda.set_device(self.device)
+        return self
+
+    def to(self, data: Any) -> Any:
+        """``data`` (tensors nested in dicts, lists, tuples) on the run's device."""
+        return to_device(data, self.device, self.non_blocking)
+
+    def __str__(self) -> str:
+        return str(self.device)
+
+
+def to_host(data: Any) -> Any:
+    """``data`` (tensors nested in dicts, lists, tuples) detached, on the CPU: what NumPy, Pillow and
+    Python numbers are made from."""
+    if isinstance(data, torch.Tensor):
+        return data.detach().cpu()
+    if isinstance(data, Mapping):
+        return {k: to_host(v) for k, v in data.items()}
+    if isinstance(data, (tuple, list)):
+        return type(data)(to_host(v) for v in data)
+    return data
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` is: its first parameter's (or buffer's) device; the CPU for a model with neither."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def send_home(model: nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device) -> None:
+    """``model`` (in place) and ``optimizer``'s state onto ``device``, with PyTorch's own rules for the
+    state (``Optimizer.load_state_dict``: moments beside their parameters, step counts as they were)."""
+    if model_device(model) == device:
+        return
+    model.to(device)
+    if optimizer is not None and optimizer.state:
+        optimizer.load_state_dict(optimizer.state_dict())
+
+
+@contextlib.contextmanager
+def returned_home(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Iterator[None]:
+    """Within this block the model may move (to the run's device); after it, however the block ends,
+    the model and the optimizer's state are back on the device the model came from."""
+    home = model_device(model)
+    try:
+        yield
+    finally:
+        send_home(model, optimizer, home)
 
 
 TARGET_KEYS = ("label", "labels", "target", "targets", "y")

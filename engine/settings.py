@@ -42,7 +42,8 @@ class RunSettings:
         handlers: ``val_every``, ``patience`` (0: off), ``min_delta``, ``early_stop_warmup``,
             ``n_saved``, ``save_every_iters``, ``log_every``, ``progress``, ``tensorboard``,
             ``tb_histograms``, ``tb_images_every``.
-        engine: ``seed``, ``device``, ``amp`` (``None`` or ``"fp32"``: full precision; ``"auto"``: bf16
+        engine: ``seed``, ``device``, ``deterministic`` (deterministic kernels on CUDA too: a resumed
+            run repeats an uninterrupted one bit for bit there, as on a CPU; costs some speed), ``amp`` (``None`` or ``"fp32"``: full precision; ``"auto"``: bf16
             where the hardware computes it natively, else fp32; ``"bf16"``, ``"fp16"``),
             ``accumulation_steps``, ``clip_grad_norm``,
             ``channels_last``, ``compile``, ``threads``.
@@ -88,6 +89,7 @@ class RunSettings:
     tb_images_every: int = 0
     seed: int = 0
     device: str = "auto"
+    deterministic: bool = False
     amp: str | None = None
     accumulation_steps: int = 1
     clip_grad_norm: float | None = None

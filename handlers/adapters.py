@@ -18,8 +18,9 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-__all__ = ["add_hparams_fast", "add_image_fast", "add_scalars_fast", "checkpoint_items", "exception_handler_count", "flush_tensorboardx",
-           "queue_in_thread", "release_workers", "set_checkpoint_items", "stream_progress"]
+__all__ = ["add_hparams_fast", "add_image_fast", "add_scalars_fast", "checkpoint_items", "exception_handler_count",
+           "flush_tensorboardx", "move_metric_state", "queue_in_thread", "release_workers", "set_checkpoint_items",
+           "stream_progress"]
 
 
 def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
@@ -30,6 +31,15 @@ def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
 def set_checkpoint_items(checkpoint: Checkpoint, items: list[Any]) -> None:
     """Replace that list (after a resume, without the files that are gone)."""
     checkpoint._saved = [Checkpoint.Item(priority, filename) for priority, filename in items]
+
+
+def move_metric_state(metric: Any, device: torch.device) -> None:
+    """An Ignite metric's tensors of state (``_state_dict_all_req_keys``) onto ``device``: after
+    ``load_state_dict`` they are where the file was read to, not where the metric adds into them."""
+    for name in getattr(metric, "_state_dict_all_req_keys", ()):
+        value = getattr(metric, name, None)
+        if isinstance(value, torch.Tensor) and value.device != device:
+            setattr(metric, name, value.to(device))
 
 
 def exception_handler_count(engine: Engine) -> int:

@@ -30,6 +30,8 @@ import ignite.distributed as idist
 import torch
 
 from engine import distributed
+from engine.determinism import prepare_environment
+from engine.device import RunDevice, check_processes, keep_off_gpus, resolve_device
 from engine.errors import EXIT_PEER, EXIT_SAVE, EXIT_USAGE, CheckpointSaveError, ConfigError, flag_names, param
 from engine.settings import OPTIMIZERS, SCHEDULERS, RunSettings
 from handlers.config_file import load_config, settings_in_config
@@ -131,6 +133,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings | N
     g = p.add_argument_group("engine")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic kernels (CUDA too): a resumed run repeats an uninterrupted one bit for bit")
     g.add_argument("--num-workers", type=non_negative_int, default=d.num_workers, help="DataLoader workers")
     g.add_argument("--limit-train-batches", type=positive_int, default=d.limit_train_batches,
                    help="cap training batches per epoch")
@@ -291,7 +295,8 @@ def start_method() -> str:
     if the program set one; else ``"fork"`` on Linux without any accelerator (each rank starts with
     everything already imported: a 40-batch MNIST run of 2 ranks took 8.2-9.1 s instead of 14.1-14.4 s
     on a 2-core CPU), and ``"spawn"`` anywhere else (CUDA and other devices are not fork-safe, macOS
-    frameworks neither)."""
+    frameworks neither). A run on the CPU hides the GPUs from its processes first (``--device cpu``):
+    then it forks on a GPU machine too."""
     chosen = multiprocessing.get_start_method(allow_none=True)
     if chosen is not None:
         return chosen
@@ -316,14 +321,22 @@ def _free_port() -> int:
 def launch(per_process: PerProcess, settings: RunSettings, flags: Mapping[str, str] | None = None) -> int:
     """Run ``per_process(settings)`` here, in each process torchrun started, or in
     ``settings.nproc_per_node`` processes spawned here; the exit code of the run."""
-    backend = settings.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    prepare_environment(settings.deterministic)  # before CUDA starts here or in any process started below
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun (or another launcher)
-    if settings.nproc_per_node and settings.nproc_per_node > 1:
-        if launched:
-            raise ConfigError(f"{param('nproc_per_node')} spawns processes itself: do not also launch with torchrun")
+    spawning = bool(settings.nproc_per_node and settings.nproc_per_node > 1)
+    if spawning and launched:
+        raise ConfigError(f"{param('nproc_per_node')} spawns processes itself: do not also launch with torchrun")
+    if (spawning or launched) and settings.device == "cpu":
+        keep_off_gpus()  # a CPU run's processes (and their collectives) never touch a GPU
+    if spawning:
+        check_processes(settings.device, settings.nproc_per_node)  # before any process starts
+        backend = settings.backend or RunDevice(resolve_device(settings.device)).backend  # CUDA not started
         return _spawn(per_process, settings, dict(flags or {}), backend)
     if launched:  # rank and world from the launcher's environment
-        return _in_group(per_process, settings, backend)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        device = RunDevice.of(settings.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                              local_world_size=local)  # every rank says it, before the group forms
+        return _in_group(per_process, settings, settings.backend or device.backend)
     return _one_process(per_process, settings)
 
 
@@ -370,6 +383,15 @@ def main(per_process: PerProcess, parser: argparse.ArgumentParser, settings_cls:
         return _guarded(lambda: launch(per_process, settings_from_args(args, settings_cls, presets, explicit), flags))
 
 
+def _observed() -> bool:
+    """Whether a tracer or profiler watches this process: ``sys.settrace``/``sys.setprofile``, or
+    (Python >= 3.12) a tool registered with ``sys.monitoring`` (cProfile, coverage, debuggers)."""
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        return True
+    monitoring = getattr(sys, "monitoring", None)
+    return monitoring is not None and any(monitoring.get_tool(tool) is not None for tool in range(6))
+
+
 def exit_process(code: int) -> NoReturn:
     """End the process with exit code ``code`` (``sys.exit(cli.main(...))``, without the interpreter's
     teardown of every module: with torch and dynamo loaded that takes about 0.9 s on a 2-core CPU,
@@ -378,7 +400,7 @@ def exit_process(code: int) -> NoReturn:
     tensorboardX writers, multiprocessing children), stdout and stderr flushed. Under a tracer or a
     profiler (coverage, ``python -m cProfile``), which write their results after the script returns,
     it is a plain ``sys.exit``."""
-    if sys.gettrace() is not None or sys.getprofile() is not None:
+    if _observed():
         sys.exit(code)
     gc.collect()
     atexit._run_exitfuncs()

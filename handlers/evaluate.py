@@ -14,8 +14,9 @@ from torch import nn
 
 from engine.amp import resolve_amp
 from engine.checks import check_first_batches, input_mismatch
+from engine.determinism import deterministic_algorithms
 from engine.device import prepare_batch as default_prepare_batch
-from engine.device import split_batch, to_device
+from engine.device import returned_home, split_batch, to_device
 from engine.errors import ConfigError
 from engine.evaluator import create_evaluator
 from engine.settings import RunSettings
@@ -71,7 +72,17 @@ def evaluate(
     ``checkpoint``: a file of a run (``RunResult.best_path``: the weights it validated best, the
     average of an EMA run) loaded into ``model`` first, verified. The other arguments are
     :func:`fit`'s; the first samples are checked against the model as :func:`fit` checks them.
+    Afterwards the model is back on the device it came from (with the checkpoint's weights).
     """
+    with returned_home(model):
+        return _evaluate(model, data, settings, checkpoint, loss_fn, classification, metrics, prepare_batch,
+                         model_transform, output_transform, collate_fn)
+
+
+def _evaluate(model: nn.Module, data: Data, settings: RunSettings | None, checkpoint: str | Path | None,
+              loss_fn: Callable | None, classification: bool, metrics: Mapping[str, Metric] | None,
+              prepare_batch: Callable | None, model_transform: Callable | None, output_transform: Callable | None,
+              collate_fn: Callable | None) -> dict[str, Any]:  # fmt: skip
     settings, device, amp = _ready(model, settings, checkpoint)
     loader = eval_loader(data, settings, device, collate_fn)
     if loss_fn is None:
@@ -86,7 +97,8 @@ def evaluate(
     evaluator = create_evaluator(model, scores, device=device, amp=amp, channels_last=settings.channels_last,
                                  prepare_batch=prepare_batch, model_transform=model_transform,
                                  output_transform=output_transform)  # fmt: skip
-    evaluator.run(loader)
+    with deterministic_algorithms(settings.deterministic):
+        evaluator.run(loader)
     return dict(evaluator.state.metrics)
 
 
@@ -115,10 +127,18 @@ def predict(
     ``data``: a tensor of inputs, a pair ``(inputs, targets)``, or a ``Dataset`` / stream whose samples
     are inputs or ``(input, target)`` pairs (targets are not used). Batches of
     ``settings.val_batch_size``, eval mode, no gradient, in one process. ``checkpoint``,
-    ``prepare_batch``, ``model_transform`` and ``collate_fn``: as for :func:`evaluate`.
+    ``prepare_batch``, ``model_transform`` and ``collate_fn``: as for :func:`evaluate`. Afterwards the
+    model is back on the device it came from.
     """
     if idist.get_world_size() > 1:
         raise ConfigError("predict runs in one process: call it outside the distributed run, or on rank 0 alone")
+    with returned_home(model):
+        return _predict(model, data, settings, checkpoint, prepare_batch, model_transform, collate_fn)
+
+
+def _predict(model: nn.Module, data: Any, settings: RunSettings | None, checkpoint: str | Path | None,
+             prepare_batch: Callable | None, model_transform: Callable | None,
+             collate_fn: Callable | None) -> torch.Tensor:  # fmt: skip
     settings, device, amp = _ready(model, settings, checkpoint)
     if isinstance(data, torch.Tensor):
         data = (data, torch.zeros(len(data)))  # the targets are not read
@@ -131,7 +151,8 @@ def predict(
     outputs: list[torch.Tensor] = []
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output[0].cpu()))
     try:
-        evaluator.run(loader)
+        with deterministic_algorithms(settings.deterministic):
+            evaluator.run(loader)
     except (RuntimeError, TypeError) as exc:  # the inputs' type or layout: one line, as fit says it
         message = input_mismatch(model, getattr(evaluator.state, "inputs", None), exc, "prediction")
         if message is None:

@@ -32,11 +32,11 @@ from engine import (
     create_evaluator,
     create_trainer,
     param,
-    resolve_device,
 )
 from engine.amp import resolve_amp
-from engine.checks import check_batch, check_first_batches, class_balance, has_batch_norm, unregistered
-from engine.device import available_memory
+from engine.checks import LabelGuard, check_batch, check_first_batches, class_balance, has_batch_norm, unregistered
+from engine.determinism import deterministic_algorithms
+from engine.device import RunDevice, available_memory, returned_home, send_home
 from engine.device import prepare_batch as default_prepare_batch
 from engine.seeding import SeededDataset
 from engine.stream import StreamLoader, WorkerShardCheck, is_stateful_stream, make_stream_loader
@@ -48,7 +48,8 @@ from handlers.metrics import AccuracyView, SampleCount
 from handlers.run import Run, RunResult, attach_run, check_output_dir, data_order
 from handlers.validation import Validation
 
-__all__ = ["build_run", "data_route", "fit", "make_loaders", "make_optimizer", "read_into_memory", "run_device"]
+__all__ = ["build_run", "data_route", "fit", "make_loaders", "make_optimizer", "read_into_memory", "run_device",
+           "run_placement"]
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 
@@ -65,13 +66,18 @@ def make_optimizer(settings: RunSettings, model: nn.Module) -> torch.optim.Optim
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
 
 
+def run_placement(settings: RunSettings) -> RunDevice:
+    """This process's :class:`~engine.device.RunDevice` for ``settings.device`` (in a distributed run
+    on CUDA, its own GPU), made current."""
+    if idist.get_world_size() > 1:
+        return RunDevice.of(settings.device, local_rank=idist.get_local_rank(),
+                            local_world_size=idist.get_nproc_per_node()).activate()
+    return RunDevice.of(settings.device).activate()
+
+
 def run_device(settings: RunSettings) -> torch.device:
-    """``settings.device`` resolved; in a distributed run on CUDA, this process's own GPU."""
-    device = resolve_device(settings.device)
-    if device.type == "cuda" and idist.get_world_size() > 1:
-        device = torch.device("cuda", idist.get_local_rank())
-        torch.cuda.set_device(device)
-    return device
+    """``settings.device`` resolved: :func:`run_placement`'s device."""
+    return run_placement(settings).device
 
 
 def _tensor_pair(data: Any, name: str = "training") -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -369,11 +375,12 @@ def build_run(
     settings = (settings or RunSettings()).check()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    device = run_device(settings)
+    place = run_placement(settings)  # decided once: everything below asks it
+    device = place.device
     train_loader, val_loader = make_loaders(train, val, settings, device, collate_fn,
                                             drop_lone_last=has_batch_norm(model), sample_weights=sample_weights)
     world = idist.get_world_size()
-    model.to(device)
+    send_home(model, optimizer, device)  # the model, and a given optimizer's state, on the run's device
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)  # before DDP, which fixes its buckets' strides
     optimizer = idist.auto_optim(optimizer or make_optimizer(settings, model))  # lr "find": set after the finder
@@ -384,8 +391,9 @@ def build_run(
                   loss_fn=loss_fn, classification=classification, device=device, amp=amp)
     for line in unregistered(model):
         write_line(line)
-    check_first_batches(model, {"training": train_loader, "validation": val_loader}, log=write_line,
-                        **checks)  # before any file
+    classes = check_first_batches(model, {"training": train_loader, "validation": val_loader}, log=write_line,
+                                  **checks)  # before any file
+    train_prepare, val_prepare = _guarded_labels(place, model, classes, checks)
     labels = _labels_of(train_loader) if classification and sample_weights is None else None
     imbalanced = class_balance(labels) if labels is not None else None
     if imbalanced is not None:
@@ -396,7 +404,7 @@ def build_run(
     finder = None
     if settings.find_lr or settings.lr == "find":
         finder = _run_lr_finder(run_model, optimizer, loss_fn, train_loader, settings, device, amp,
-                                dict(prepare_batch=prepare_batch, model_transform=model_transform,
+                                dict(prepare_batch=train_prepare, model_transform=model_transform,
                                      output_transform=output_transform, batch_transform=train_transform,
                                      pair_transform=pair_transform))
         if settings.find_lr:
@@ -411,7 +419,7 @@ def build_run(
     trainer = create_trainer(run_model, optimizer, loss_fn, device=device, amp=amp,
                              accumulation_steps=settings.accumulation_steps, clip_grad_norm=settings.clip_grad_norm,
                              grad_norm_every=settings.log_every if settings.tensorboard else 0,
-                             channels_last=settings.channels_last, prepare_batch=prepare_batch,
+                             channels_last=settings.channels_last, prepare_batch=train_prepare,
                              model_transform=model_transform, output_transform=output_transform,
                              batch_transform=train_transform, pair_transform=pair_transform, seed=settings.seed)
     if ema is not None:  # before the checkpoints: a save at an iteration holds that iteration's average
@@ -426,7 +434,7 @@ def build_run(
             val_metrics["accuracy"] = Accuracy(output_transform=view)
         val_metrics.update({**extra, "samples": SampleCount()})
         return create_evaluator(net, val_metrics, device=device, amp=amp, channels_last=settings.channels_last,
-                                prepare_batch=prepare_batch, model_transform=model_transform,
+                                prepare_batch=val_prepare, model_transform=model_transform,
                                 output_transform=output_transform)
 
     evaluator = evaluator_of(ema.ema_model if ema is not None else eval_model, metrics or {})
@@ -435,7 +443,7 @@ def build_run(
         saved = {"model": ema.ema_model, "raw_model": model, "ema_momentum": _StepCount(ema.momentum_scheduler)}
     run = attach_run(trainer, evaluator, train_loader=train_loader, val_loader=val_loader, settings=settings,
                       to_save={**saved, "optimizer": optimizer, **(to_save or {})},
-                      classification=classification, handlers=handlers, denormalize=denormalize, name=name,
+                      classification=classification, handlers=handlers, denormalize=denormalize, name=name, device=place,
                       extra_config={"device": str(device), "precision": amp or "fp32",
                                     **({"train_transform": repr(train_transform)} if train_transform else {}),
                                     **({"pair_transform": repr(pair_transform)} if pair_transform else {}),
@@ -503,7 +511,25 @@ def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None =
     Returns:
         :class:`handlers.run.RunResult`: history, best row, best/last checkpoint paths, exit code.
     """
-    return build_run(model, train, val, settings, **options).run()
+    with returned_home(model, options.get("optimizer")):  # the model goes back where it came from
+        return build_run(model, train, val, settings, **options).run()
+
+
+def _guarded_labels(place: RunDevice, model: nn.Module, classes: int | None,
+                    checks: Mapping[str, Any]) -> tuple[Callable | None, Callable | None]:  # fmt: skip
+    """The trainer's and the evaluator's ``prepare_batch``: off the CPU, with class labels checked on the
+    host before the copy (:class:`~engine.checks.LabelGuard`), so that a label out of range is one line
+    there too, not a device-side assert; on the CPU, the given one (the loss's own error is explained)."""
+    loss_fn, given = checks["loss_fn"], checks["prepare_batch"]
+    if place.type == "cpu" or not checks["classification"] or not isinstance(loss_fn, (nn.CrossEntropyLoss,
+                                                                                         nn.NLLLoss)):
+        return (None, None) if given is default_prepare_batch else (given, given)
+
+    def guard(name: str) -> LabelGuard:
+        return LabelGuard(given, name, classes, loss_fn.ignore_index,
+                          probe=lambda batch: check_batch(model, batch, name, **checks))
+
+    return guard("training"), guard("validation")
 
 
 def _ema(model: nn.Module, decay: float) -> EMAHandler:
@@ -540,7 +566,8 @@ def _run_lr_finder(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: 
     if trainer.scaler is not None:
         to_save["scaler"] = trainer.scaler
     try:
-        finder = LRFinder(log=write_line).run(trainer, loader, to_save)
+        with deterministic_algorithms(settings.deterministic):
+            finder = LRFinder(log=write_line).run(trainer, loader, to_save)
     finally:
         if order is not None:
             order.load_state_dict(saved)

@@ -13,6 +13,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from engine.device import to_device
 from engine.epoch import batch_in_epoch, mid_epoch
+from handlers.adapters import move_metric_state
 from handlers.ordering import Stage, attach_ordered
 
 __all__ = ["AccuracyView", "SampleCount", "TrainMetrics"]
@@ -99,7 +100,8 @@ class TrainMetrics:
     """
 
     def __init__(self, prefix: str = "train_", accuracy: bool = True, loss_fn: Callable | None = None,
-                 accuracy_view: Callable[[Any], tuple[Any, Any]] | None = None, flush_every: int = 0) -> None:
+                 accuracy_view: Callable[[Any], tuple[Any, Any]] | None = None, flush_every: int = 0,
+                 device: str | torch.device = "cpu") -> None:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 0:
@@ -110,9 +112,11 @@ class TrainMetrics:
         self.loss_fn = loss_fn
         self.accuracy_view = accuracy_view or AccuracyView()
         self.flush_every = flush_every
-        self.metrics: dict[str, Metric] = {"loss": Loss(loss_fn or _step_loss)}
+        device = torch.device(device)
+        self.device = device if device.type in ("cpu", "cuda") else torch.device("cpu")  # MPS: no float64 sums
+        self.metrics: dict[str, Metric] = {"loss": Loss(loss_fn or _step_loss, device=self.device)}
         if accuracy:
-            self.metrics["accuracy"] = Accuracy()
+            self.metrics["accuracy"] = Accuracy(device=self.device)
         self._group: list[tuple[Any, Any, Any]] = []  # (loss, y_pred, y) of the batches held back
         self._group_elements = 0
         self._restored = False  # whether the group is the one a checkpoint held back
@@ -171,6 +175,7 @@ class TrainMetrics:
         if self._pending is not None:  # resumed mid-epoch: continue the epoch's sums and the group held back
             for name, metric in self.metrics.items():
                 metric.load_state_dict(self._pending[name])
+                move_metric_state(metric, self.device)  # saved from any device, read onto the CPU
             self._group = [(held["loss"], held["y_pred"], held["y"]) for held in self._pending["held_back"]]
             self._group_elements = sum(y_pred.numel() for _, y_pred, _ in self._group)
             self._restored = bool(self._group)

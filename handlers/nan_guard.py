@@ -40,12 +40,23 @@ class NanGuard:
 
     After the run, ``triggered`` tells the caller to exit non-zero; checkpoint handlers check it
     so that no non-finite model becomes ``best`` or replaces the last good ``last_*.pt``.
+
+    ``check_every``: iterations between reads of the loss on the host. 1 (a CPU, where reading it
+    costs nothing): every iteration. More (a GPU, where a read waits for the step to finish): the
+    first non-finite iteration is recorded on the device without waiting, and read every
+    ``check_every`` iterations, at each epoch's end and whenever ``triggered`` is asked (before any
+    save), so the run stops a few steps later but nothing non-finite is ever saved.
     """
 
-    def __init__(self, log: Callable[[str], None] = print) -> None:
+    def __init__(self, log: Callable[[str], None] = print, check_every: int = 1) -> None:
+        if not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be a positive integer, got {check_every!r}")
         self.log = log
+        self.check_every = check_every
         self.triggered_at: tuple[int, int] | None = None
         self._world = 1
+        self._first_bad: torch.Tensor | None = None  # deferred: the first non-finite iteration (0: none), on the device
+        self._engine: Engine | None = None
         self._inner = TerminateOnNan(output_transform=self._loss)
         self._inner.logger.setLevel(logging.ERROR)  # our own line replaces its warning
 
@@ -58,19 +69,52 @@ class NanGuard:
 
     @property
     def triggered(self) -> bool:
+        if self.triggered_at is None and self._first_bad is not None and self._engine is not None:
+            self._read(self._engine)
         return self.triggered_at is not None
 
     def attach(self, trainer: Engine) -> "NanGuard":
+        self._engine = trainer
         trainer.add_event_handler(Events.STARTED, self._reset)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
+        if self.check_every > 1:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.check_every), self._read)
+            trainer.add_event_handler(Events.EPOCH_COMPLETED, self._read)
         return self
 
     def _reset(self, engine: Engine) -> None:
         self.triggered_at = None
+        self._first_bad = None
         self._world = idist.get_world_size()
 
+    def _record(self, engine: Engine) -> None:
+        """Deferred: the iteration, if the loss is not finite and none was before, kept on the device."""
+        loss = self._loss(engine.state.output).detach()
+        if self._first_bad is None:
+            self._first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
+        bad = (self._first_bad == 0) & ~torch.isfinite(loss)
+        self._first_bad = torch.where(bad, engine.state.iteration, self._first_bad)
+
+    def _read(self, engine: Engine) -> None:
+        """Deferred: read the record (the host waits here); stop the run at a non-finite loss."""
+        if self._first_bad is None or self.triggered_at is not None:
+            return
+        first = int(self._first_bad)
+        if first:
+            engine.terminate()
+            length = engine.state.epoch_length
+            epoch = (first - 1) // length + 1 if length else engine.state.epoch
+            self.triggered_at = (epoch, first)
+            self.log(f"Stopped: the training loss became non-finite at epoch {epoch}, iteration {first} (seen at "
+                     f"iteration {engine.state.iteration}: on {self._first_bad.device.type} it is read every "
+                     f"{self.check_every} iterations); no checkpoint was written from this state (try a lower "
+                     f"{param('lr')}, or {param('clip_grad_norm')})")
+
     def __call__(self, engine: Engine) -> None:
-        if engine.state.output is None:
+        if engine.state.output is None or self.triggered_at is not None:
+            return
+        if self.check_every > 1:
+            self._record(engine)
             return
         loss = float(self._loss(engine.state.output))
         if math.isfinite(loss):  # the common case, one float per iteration; Ignite's handler decides the rest

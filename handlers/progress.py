@@ -21,19 +21,28 @@ def progress_wanted(disabled: bool, stream: TextIO | None = None) -> bool:
 class Progress:
     """A bar over each training epoch showing the batch loss, and one over each validation.
 
-    The bar is refreshed every ``every`` iterations, so its cost per iteration stays negligible.
+    The bar is refreshed every ``every`` iterations, so its cost per iteration stays negligible; the
+    loss it shows is read every ``loss_every`` iterations (default: as often as the bar moves). On a
+    GPU the run reads it at the console's cadence: a read makes the host wait for the step.
     """
 
-    def __init__(self, every: int = 10) -> None:
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
+    def __init__(self, every: int = 10, loss_every: int | None = None) -> None:
+        for name, value in (("every", every), ("loss_every", every if loss_every is None else loss_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.every = every
+        self.loss_every = every if loss_every is None else loss_every
         self.train_bar = ProgressBar(persist=False)
         self.val_bar = ProgressBar(persist=False, desc="Validation")
+        self._shown: dict[str, float] = {}
 
     def attach(self, trainer: Engine, evaluator: Engine | None = None) -> "Progress":
-        self.train_bar.attach(trainer, output_transform=lambda o: {"loss": o["loss"]},
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.loss_every), self._read_loss)
+        self.train_bar.attach(trainer, output_transform=lambda _: self._shown,
                               event_name=Events.ITERATION_COMPLETED(every=self.every))
         if evaluator is not None:
             self.val_bar.attach(evaluator)
         return self
+
+    def _read_loss(self, engine: Engine) -> None:
+        self._shown = {"loss": float(engine.state.output["loss"])}

@@ -21,6 +21,9 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from engine.checks import BatchError
+from engine.determinism import deterministic_algorithms, nondeterministic_op
+from engine.device import RunDevice
 from engine.distributed import PerRank
 from engine.epoch import batch_in_epoch, mid_epoch
 from engine.errors import EXIT_NAN, EXIT_OK, ConfigError, param
@@ -131,8 +134,9 @@ class Run:
     """Every default handler of a run, attached; built by :func:`attach_run`."""
 
     def __init__(self, trainer: Engine, evaluator: Engine, train_loader: Iterable, settings: RunSettings,
-                 output_dir: Path, classification: bool) -> None:  # fmt: skip
+                 output_dir: Path, classification: bool, device: RunDevice | None = None) -> None:  # fmt: skip
         self.trainer, self.evaluator, self.train_loader = trainer, evaluator, train_loader
+        self.device = device or RunDevice.of(settings.device)
         self.settings, self.output_dir, self.classification = settings, output_dir, classification
         self.monitor, self.mode = settings.watched(classification)
         self.started = _IMPORTED
@@ -159,9 +163,15 @@ class Run:
         :class:`ConfigError` is raised from it instead."""
         try:
             if not self.done:
-                self.trainer.run(self.train_loader, max_epochs=self.settings.epochs)
+                with deterministic_algorithms(self.settings.deterministic):
+                    self.trainer.run(self.train_loader, max_epochs=self.settings.epochs)
         except Exception as exc:
             self.close()
+            if isinstance(exc, BatchError):  # found on the host before the batch reached the device
+                raise ConfigError(f"{exc} (found at {self._where()})") from exc
+            no_kernel = nondeterministic_op(exc)
+            if no_kernel is not None:
+                raise no_kernel from exc
             name, batch = self._failing_batch()
             message = None
             if self.explain is not None and batch is not None and not isinstance(exc, ConfigError):
@@ -261,6 +271,7 @@ def attach_run(
     extra_config: Mapping[str, Any] | None = None,
     train_loss_fn: Callable | None = None,
     accuracy_view: AccuracyView | None = None,
+    device: RunDevice | None = None,
 ) -> Run:
     """Attach every default handler to ``trainer`` and ``evaluator``, then resume if asked; one call.
 
@@ -286,6 +297,8 @@ def attach_run(
             step's own loss (``fit``: the plain cross-entropy when the training loss smooths labels).
         accuracy_view: how the accuracies and the confusion matrix read outputs and targets
             (:class:`~handlers.metrics.AccuracyView`: labels, soft labels, per-label binary).
+        device: the run's :class:`~engine.device.RunDevice` (default: ``settings.device`` resolved),
+            where the metrics' sums are kept and whose random generator checkpoints hold.
     """
     settings.check()
     view = accuracy_view or AccuracyView()
@@ -301,7 +314,7 @@ def attach_run(
     if settings.resume not in (None, "auto"):
         path = Path(settings.resume)
         resume_state = (path, load_checkpoint(path, log=write_line))  # a bad file fails here, before any work
-    run = Run(trainer, evaluator, train_loader, settings, out, classification)
+    run = Run(trainer, evaluator, train_loader, settings, out, classification, device)
     run.val_loader = val_loader
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -352,17 +365,19 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
                      train_loss_fn: Callable | None = None, accuracy_view: AccuracyView | None = None) -> None:
     s, trainer, evaluator = run.settings, run.trainer, run.evaluator
     run.train_metrics = TrainMetrics(accuracy=run.classification, loss_fn=train_loss_fn, accuracy_view=accuracy_view,
-                                     flush_every=s.log_every).attach(trainer)
+                                     flush_every=s.log_every, device=run.device.device).attach(trainer)
     Validation(evaluator, val_loader, every=s.val_every, watched={"monitor": run.monitor}).attach(trainer)
     run.lr_schedule = LRSchedule(s.scheduler, to_save["optimizer"], epochs=s.epochs, epoch_length=_epoch_length(run),
                                  warmup_epochs=s.warmup_epochs, metric=run.monitor, mode=run.mode).attach(trainer)
     run.history = History(run.output_dir / "history.json", extra={"lr": lambda: run.lr_schedule.lr}).attach(trainer)
     run.early_stopping = EarlyStopping(patience=s.patience, min_delta=s.min_delta, warmup=s.early_stop_warmup,
                                        metric=run.monitor, mode=run.mode, log=write_line).attach(trainer)
-    run.nan_guard = NanGuard(log=write_line).attach(trainer)
+    # on a GPU the loss is read at the console's cadence, not every iteration (each read waits for the step)
+    check_every = (s.log_every or 50) if run.device.is_cuda else 1
+    run.nan_guard = NanGuard(log=write_line, check_every=check_every).attach(trainer)
     run.to_save = {**to_save, "trainer": trainer, "lr_schedule": run.lr_schedule, "early_stopping": run.early_stopping,
                    "history": run.history, "train_metrics": run.train_metrics,
-                   "rng": PerRank(RNGState(), "RNG state")}  # Ignite's metrics keep their sums per rank themselves
+                   "rng": PerRank(RNGState(run.device.generator_device), "RNG state")}  # Ignite's metrics keep their sums per rank themselves
     order = data_order(run.train_loader, trainer)
     if order is not None:
         run.to_save["data"] = PerRank(order, "data position")
@@ -379,7 +394,7 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
     run.stop = GracefulStop(run.checkpoint, log=write_line).attach(trainer)
     ConsoleLogger(run.train_metrics, log_every=s.log_every).attach(trainer)
     if progress_wanted(not s.progress):
-        Progress().attach(trainer, evaluator)
+        Progress(loss_every=(s.log_every or 50) if run.device.is_cuda else None).attach(trainer, evaluator)
 
 
 def _epoch_length(run: Run) -> int | None:
@@ -418,6 +433,10 @@ def _resume(run: Run, resume_state: tuple[Path, dict] | None) -> None:
     run.checkpoint.load_bookkeeping(state, path)
     run.resumed_from = path
     write_line(f"Resumed from {path} ({_place(run.trainer.state)})")
+    if run.device.is_cuda and not run.settings.deterministic:
+        write_line(f"Resuming on CUDA without {param('deterministic')}: from here the run can differ in the last bits "
+                   f"from an uninterrupted one (CUDA kernels may sum in another order each time); with "
+                   f"{param('deterministic')} it is the same run, bit for bit")
 
 
 def _place(state: Any) -> str:

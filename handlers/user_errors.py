@@ -4,6 +4,7 @@ the traceback of their frames only, then one line of ours (Keras 3's traceback f
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -27,11 +28,25 @@ _FRAME = re.compile(r'^  File "([^"]+)", line \d+, in .*$')
 
 
 def is_library_file(filename: str) -> bool:
-    """Frames of Python itself, of installed packages (torch, ignite, ...) and of this library."""
+    """Frames of Python itself, of installed packages (torch, ignite, ...) and of this library: under
+    Python's own folders, or under a folder that packages are installed into wherever it is (one
+    holding ``*.dist-info`` folders: ``pip install --target``, ``PYTHONPATH`` to a wheel folder)."""
     if filename.startswith("<") and not filename.startswith(("<string>", "<stdin>", "<ipython")):
         return True  # <frozen importlib._bootstrap> and the like
     path = os.path.abspath(filename)
-    return any(path == lib or path.startswith(lib.rstrip(os.sep) + os.sep) for lib in _LIBRARY)
+    if any(path == lib or path.startswith(lib.rstrip(os.sep) + os.sep) for lib in _LIBRARY):
+        return True
+    return any(_holds_installed_packages(str(folder)) for folder in Path(path).parents)
+
+
+@functools.lru_cache(maxsize=1024)
+def _holds_installed_packages(folder: str) -> bool:
+    """Whether ``folder`` is where pip installed packages (it holds a ``<name>-<version>.dist-info``)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name.endswith(".dist-info") and e.is_dir() for e in entries)
+    except OSError:
+        return False
 
 
 def where_failed(exc: BaseException) -> str | None:

@@ -121,6 +121,18 @@ def pytest_collection_modifyitems(items: list) -> None:
     items.sort(key=lambda item: first[group_of[item]] if item in group_of else keys[item])
 
 
+NO_GPU = "needs a CUDA GPU: torch.cuda.is_available() is False on this machine"
+
+
+def pytest_runtest_setup(item) -> None:
+    """Tests marked ``gpu`` run where CUDA is; elsewhere they are skipped with one line (no CUDA is started)."""
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip(NO_GPU)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     reasons = [str(getattr(r, "longrepr", "")) for r in terminalreporter.stats.get("skipped", [])]
     skipped = sum(NOT_FOUND in reason for reason in reasons)

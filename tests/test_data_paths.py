@@ -66,7 +66,7 @@ class SampleLog:
         return self
 
     def __call__(self, engine) -> None:
-        x = engine.state.batch[0]
+        x = engine.state.batch[0].cpu()  # on the run's device (a GPU's for the in-memory path)
         self.epochs.setdefault(engine.state.epoch, set()).update(s.numpy().tobytes() for s in x)
 
 

@@ -16,12 +16,14 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from handlers import cli
 from tests import forkserver
 from tests.conftest import SCRIPT, run_main, run_script
 
 pytestmark = pytest.mark.slow
-ARGS = ["--limit-train-batches", "40", "--log-every", "20", "--no-progress", "--seed", "2", "--patience", "0"]
+# two processes on one machine: gloo on its CPU, also where it has one GPU (two ranks cannot share it; the GPU's own
+# rule, one process per GPU, is tested in test_gpu.py)
+ARGS = ["--limit-train-batches", "40", "--log-every", "20", "--no-progress", "--seed", "2", "--patience", "0",
+        "--device", "cpu"]
 
 
 def torchrun_cmd(logs: Path) -> list[str]:
@@ -132,7 +134,8 @@ RECIPES = {
     "torchvision": ["--preset", "seed", "--limit-train-batches", "30", "--batch-size", "16", "--limit-val-batches", "1",
                     "--epochs", "2"],
 }
-FT = ["--save-every-iters", "5", "--seed", "3", "--log-every", "0", "--no-progress", "--no-tensorboard"]
+FT = ["--save-every-iters", "5", "--seed", "3", "--log-every", "0", "--no-progress", "--no-tensorboard",
+      "--device", "cpu"]  # gloo on the CPU, as ARGS
 TIMING = {"epoch_seconds", "samples_per_second"}
 
 
@@ -238,7 +241,7 @@ def test_two_simulated_nodes_equal_one_node_with_two_processes(uninterrupted, mn
 def test_spawned_run_with_a_killed_worker_stops_with_one_line_and_resumes_exactly(uninterrupted, mnist_root,
                                                                                   tmp_path):
     # the killed run spawned (as on a GPU machine, or as a program may ask), its resume started the
-    # default way: forked on this CPU-only Linux machine (each way works with the other's files)
+    # default way: forked on Linux for a run on the CPU, whose processes see no GPU (each way works with the other's files)
     out = tmp_path / "spawned"
     cmd = [sys.executable, *starting("spawn"), str(SCRIPT), *RECIPES["memory"], *FT, "--nproc-per-node", "2",
            "--output-dir", str(out), "--data-dir", str(mnist_root)]
@@ -252,7 +255,8 @@ def test_spawned_run_with_a_killed_worker_stops_with_one_line_and_resumes_exactl
     again = run_script(*RECIPES["memory"], *FT, "--nproc-per-node", "2", "--output-dir", str(out), "--resume", "auto",
                        mnist=mnist_root, env={"OMP_NUM_THREADS": "1"}, python_args=starting(None))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count(f"start_method={cli.start_method()}") == 1 and again.stdout.count("Resumed from") == 1
+    default = "fork" if sys.platform.startswith("linux") else "spawn"
+    assert again.stdout.count(f"start_method={default}") == 1 and again.stdout.count("Resumed from") == 1
     _same_run(uninterrupted["memory"], out)
 
 

@@ -93,7 +93,7 @@ def test_ema_validates_the_average_logs_the_raw_weights_and_keeps_the_average_as
 
 
 def test_ema_killed_mid_epoch_and_resumed_is_bit_exact(tmp_path):
-    args = ["--kind", "augment", "--save-every-iters", "2", "--seed", "4", "--ema", "0.9"]
+    args = ["--kind", "augment", "--save-every-iters", "2", "--seed", "4", "--ema", "0.9", "--deterministic"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def go(*extra: str) -> subprocess.CompletedProcess:

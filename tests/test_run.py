@@ -227,7 +227,7 @@ def test_cutmix_and_mixup_as_a_pair_transform_train_and_resume_exactly_after_a_c
         mix = v2.RandomChoice([v2.CutMix(num_classes=4), v2.MixUp(num_classes=4)])  # torch's global RNG
         return fit(net, (x, y), (x, y), RunSettings(output_dir=str(tmp_path / name), epochs=3, batch_size=32,
                                                     save_every_iters=4, progress=False, log_every=0,
-                                                    tensorboard=False, **kw),
+                                                    tensorboard=False, deterministic=True, **kw),  # (for a GPU)
                    pair_transform=mix, handlers=handlers), net  # fmt: skip
 
     straight, straight_net = run("straight")

@@ -60,8 +60,9 @@ def data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def run(tmp_path, name: str, at: int | None = None, resume: str | None = None, path: str = "loader"):
     seed_everything(3)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))  # dropout: the global RNG
+    # the CPU: FetchedFrom, the subclass that sends the signal, would be a plain tensor once copied to a GPU
     settings = RunSettings(output_dir=str(tmp_path / name), resume=resume, epochs=2, batch_size=BATCH, lr=1e-2,
-                           log_every=0, progress=False, tensorboard=False, seed=3, data_path=path)
+                           log_every=0, progress=False, tensorboard=False, seed=3, data_path=path, device="cpu")
     if path == "memory":
         x, y = data(320, 1)
         FetchedFrom.at, FetchedFrom.calls = at, 0

@@ -68,7 +68,8 @@ KILLED = [("augment", 0, 13), ("augment", 2, 13), ("fast", 0, 13), ("stream", 2,
 
 @pytest.mark.parametrize("kind, workers, kill_at", KILLED)
 def test_sigkill_mid_epoch_2_then_resume_equals_an_uninterrupted_run(tmp_path, kind, workers, kill_at):
-    args = ["--kind", kind, "--num-workers", str(workers), "--save-every-iters", "2", "--seed", "4"]
+    # --deterministic: on a CPU nothing changes; on a GPU it is what makes a resume bit-exact (README)
+    args = ["--kind", kind, "--num-workers", str(workers), "--save-every-iters", "2", "--seed", "4", "--deterministic"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     done = in_this_process(*args, "--output-dir", str(straight), "--record", str(tmp_path / "straight.txt"))
     assert done.returncode == 0, done.stderr
@@ -99,7 +100,7 @@ def test_the_same_run_with_0_and_2_workers_trains_on_identical_batches(tmp_path,
     for workers, run in ((0, in_this_process), (2, program)):
         log = tmp_path / f"w{workers}.txt"
         done = run("--kind", kind, "--num-workers", str(workers), "--epochs", "2", "--output-dir",
-                       str(tmp_path / f"w{workers}"), "--record", str(log))
+                   str(tmp_path / f"w{workers}"), "--record", str(log), "--deterministic")  # (bit-exact on a GPU too)
         assert done.returncode == 0, done.stderr
         logs.append(log.read_text())
     assert logs[0] == logs[1] and len(logs[0].splitlines()) == 16

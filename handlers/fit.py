@@ -567,7 +567,8 @@ def _run_lr_finder(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: 
         to_save["scaler"] = trainer.scaler
     try:
         with deterministic_algorithms(settings.deterministic):
-            finder = LRFinder(log=write_line).run(trainer, loader, to_save)
+            finder = LRFinder(log=write_line, cuda_device=device if device.type == "cuda" else None).run(
+                trainer, loader, to_save)
     finally:
         if order is not None:
             order.load_state_dict(saved)

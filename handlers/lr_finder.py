@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import torch
 from ignite.engine import Engine
 from ignite.handlers import FastaiLRFinder
 
@@ -29,12 +30,13 @@ class LRFinder:
     """
 
     def __init__(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int | None = None,
-                 log: Callable[[str], None] = print) -> None:  # fmt: skip
+                 log: Callable[[str], None] = print, cuda_device: torch.device | None = None) -> None:  # fmt: skip
         if not 0 < start_lr < end_lr:
             raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr!r}, {end_lr!r}")
         if num_iter is not None and (not isinstance(num_iter, int) or num_iter < 2):
             raise ValueError(f"num_iter must be an integer >= 2, got {num_iter!r}")
         self.start_lr, self.end_lr, self.num_iter, self.log = start_lr, end_lr, num_iter, log
+        self.cuda_device = cuda_device  # the run's GPU, whose generator (dropout's) is put back too
         self.results: dict[str, list[float]] = {}
         self.suggestion: float | None = None  # None: the curve had no fall to suggest from
 
@@ -46,7 +48,7 @@ class LRFinder:
         num_iter = self.num_iter or length or 100
         if length is not None:
             num_iter = min(num_iter, length)  # at most one epoch
-        rng = RNGState()
+        rng = RNGState(self.cuda_device)
         saved = rng.state_dict()
         finder = FastaiLRFinder()
         finder.logger.setLevel("ERROR")  # our own line says what it found

@@ -17,22 +17,49 @@ from engine.errors import param
 __all__ = ["NanGuard", "non_finite_samples"]
 
 
+def _parts(batch: Any) -> list[tuple[str, Any]]:
+    """``("inputs" | "targets", value)`` of a batch: a pair, a dict (by its target key), or inputs alone."""
+    if isinstance(batch, Mapping):
+        return [("targets" if k in TARGET_KEYS else "inputs", v) for k, v in batch.items()]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return [("inputs", batch[0]), ("targets", batch[1])]
+    return [("inputs", batch)]
+
+
 def non_finite_samples(batch: Any) -> tuple[str, list[int]] | None:
     """``("inputs" or "targets", rows of the batch holding NaN or inf)``, or ``None`` when every
     floating tensor of the batch (a pair, a dict, nested) is finite."""
-    if isinstance(batch, Mapping):
-        parts = [("targets" if k in TARGET_KEYS else "inputs", v) for k, v in batch.items()]
-    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-        parts = [("inputs", batch[0]), ("targets", batch[1])]
-    else:
-        parts = [("inputs", batch)]
-    for part, value in parts:
+    for part, value in _parts(batch):
         for t in tensors_in(value):
             if t.is_floating_point() and t.dim() > 0:
                 finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
                 if not bool(finite.all()):
                     return part, (~finite).nonzero().flatten().tolist()
     return None
+
+
+def _listed(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+
+
+def _inputs_finite(batch: Any, device: torch.device) -> torch.Tensor | None:
+    """Whether every floating input tensor of ``batch`` on ``device`` is finite, as a tensor there (no
+    wait); ``None`` when none of its inputs is there."""
+    found = None
+    for part, value in _parts(batch):
+        for t in tensors_in(value):
+            if part == "inputs" and t.is_floating_point() and t.device == device:
+                ok = torch.isfinite(t).all()
+                found = ok if found is None else found & ok
+    return found
+
+
+def _set_rows(data: Any) -> list[int]:
+    """The samples (rows) of a set held in memory (a loader's ``x``) whose inputs are not finite."""
+    x = getattr(data, "x", None)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+        return []
+    return (~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).nonzero().flatten().tolist()
 
 
 class NanGuard:
@@ -48,11 +75,13 @@ class NanGuard:
     save), so the run stops a few steps later but nothing non-finite is ever saved.
     """
 
-    def __init__(self, log: Callable[[str], None] = print, check_every: int = 1) -> None:
+    def __init__(self, log: Callable[[str], None] = print, check_every: int = 1, data: Any = None) -> None:
         if not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be a positive integer, got {check_every!r}")
         self.log = log
         self.check_every = check_every
+        self.data = data  # the training loader: a set held in memory (``.x``) is searched for the samples at fault
+        self._bad_inputs: torch.Tensor | None = None  # deferred: whether that iteration's inputs were not finite
         self.triggered_at: tuple[int, int] | None = None
         self._world = 1
         self._first_bad: torch.Tensor | None = None  # deferred: the first non-finite iteration (0: none), on the device
@@ -92,8 +121,12 @@ class NanGuard:
         loss = self._loss(engine.state.output).detach()
         if self._first_bad is None:
             self._first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
-        bad = (self._first_bad == 0) & ~torch.isfinite(loss)
-        self._first_bad = torch.where(bad, engine.state.iteration, self._first_bad)
+            self._bad_inputs = torch.zeros((), dtype=torch.bool, device=loss.device)
+        first = (self._first_bad == 0) & ~torch.isfinite(loss)
+        self._first_bad = torch.where(first, engine.state.iteration, self._first_bad)
+        finite = _inputs_finite(engine.state.batch, loss.device)  # None: inputs elsewhere (on the host: not read)
+        if finite is not None:
+            self._bad_inputs = self._bad_inputs | (first & ~finite)
 
     def _read(self, engine: Engine) -> None:
         """Deferred: read the record (the host waits here); stop the run at a non-finite loss."""
@@ -105,6 +138,13 @@ class NanGuard:
             length = engine.state.epoch_length
             epoch = (first - 1) // length + 1 if length else engine.state.epoch
             self.triggered_at = (epoch, first)
+            if bool(self._bad_inputs):
+                rows = _set_rows(self.data)
+                shown = f" (sample(s) {_listed(rows)} of the training set)" if rows else ""
+                self.log(f"Stopped: the training batch at epoch {epoch}, iteration {first} holds NaN or infinite inputs"
+                         f"{shown}, so the loss became non-finite; the data is at fault, not the training: check the "
+                         f"data set and its transforms. No checkpoint was written from this state")
+                return
             self.log(f"Stopped: the training loss became non-finite at epoch {epoch}, iteration {first} (seen at "
                      f"iteration {engine.state.iteration}: on {self._first_bad.device.type} it is read every "
                      f"{self.check_every} iterations); no checkpoint was written from this state (try a lower "
@@ -126,8 +166,7 @@ class NanGuard:
             bad = non_finite_samples(engine.state.batch)
             if bad:
                 part, rows = bad
-                shown = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
-                self.log(f"Stopped: the training batch at {where} holds NaN or infinite {part} (sample(s) {shown} of "
+                self.log(f"Stopped: the training batch at {where} holds NaN or infinite {part} (sample(s) {_listed(rows)} of "
                          f"the batch), so the loss became {loss}; the data is at fault, not the training: check the "
                          f"data set and its transforms. No checkpoint was written from this state")
                 return

@@ -374,7 +374,7 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
                                        metric=run.monitor, mode=run.mode, log=write_line).attach(trainer)
     # on a GPU the loss is read at the console's cadence, not every iteration (each read waits for the step)
     check_every = (s.log_every or 50) if run.device.is_cuda else 1
-    run.nan_guard = NanGuard(log=write_line, check_every=check_every).attach(trainer)
+    run.nan_guard = NanGuard(log=write_line, check_every=check_every, data=run.train_loader).attach(trainer)
     run.to_save = {**to_save, "trainer": trainer, "lr_schedule": run.lr_schedule, "early_stopping": run.early_stopping,
                    "history": run.history, "train_metrics": run.train_metrics,
                    "rng": PerRank(RNGState(run.device.generator_device), "RNG state")}  # Ignite's metrics keep their sums per rank themselves

@@ -7,7 +7,9 @@ Tags, grouped so TensorBoard's cards read well:
   ``time/epoch_seconds``, ``time/samples_per_second``;
 - everything is in the file when an epoch's logging returns (see :meth:`TensorBoardLogging.flush`);
 - images after the last validation of the run (and every ``images_every`` epochs if set; drawing
-  and encoding them costs about 45 ms): ``val/confusion_matrix``, ``val/misclassified``;
+  and encoding them costs about 45 ms): ``val/confusion_matrix`` (up to 50 classes; beyond, the text
+  ``val/most_confused``: the most frequent mistakes and the classes with the lowest recall, in time
+  linear in the mistakes, whatever the number of classes), ``val/misclassified``;
 - once the run ends: hparams (the resolved config) with ``hparam/best_val_accuracy`` and
   ``hparam/final_val_accuracy``, in the ``hparams`` sub-run.
 
@@ -21,7 +23,6 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import TensorboardLogger
@@ -29,6 +30,7 @@ from ignite.handlers.tensorboard_logger import GradsHistHandler, WeightsHistHand
 from torch import nn
 
 from handlers.adapters import add_hparams_fast, add_image_fast, add_scalars_fast, flush_tensorboardx, queue_in_thread
+from handlers.confusion import PICTURE_CLASSES, MisclassifiedCollector, confusion_table
 from handlers.history import History
 from handlers.images import confusion_matrix_image, labelled_grid
 from handlers.ordering import Stage, attach_ordered
@@ -45,60 +47,6 @@ EPOCH_TAGS = {
 }
 
 _ROW_KEYS = {"epoch", "iteration", "lr"}
-
-
-class MisclassifiedCollector:
-    """Keeps the first ``limit`` misclassified samples of each evaluator run, and its confusion counts
-    (summed over processes in a distributed run). ``num_classes``: default, the width of the logits."""
-
-    def __init__(self, num_classes: int | None = None, limit: int = 64,
-                 view: Callable[[Any], tuple[Any, Any]] | None = None) -> None:
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
-            raise ValueError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}")
-        if not isinstance(limit, int) or limit < 0:
-            raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
-        self.num_classes = num_classes
-        self.limit = limit
-        self.view = view  # (y_pred, y) -> (y_pred, labels): soft labels by their most likely class
-        self.images: list[torch.Tensor] = []
-        self.labels: list[tuple[int, int]] = []
-        self.confusion = torch.zeros(num_classes or 0, num_classes or 0, dtype=torch.long)
-
-    def attach(self, evaluator: Engine) -> "MisclassifiedCollector":
-        evaluator.add_event_handler(Events.STARTED, self.reset)
-        evaluator.add_event_handler(Events.ITERATION_COMPLETED, self.update)
-        evaluator.add_event_handler(Events.COMPLETED, self._reduce)
-        return self
-
-    def _reduce(self, engine: Engine) -> None:
-        """In a distributed run, count every rank's shard (the digits shown stay rank 0's)."""
-        if idist.get_world_size() > 1 and self.confusion.numel():
-            self.confusion = idist.all_reduce(self.confusion)
-
-    def reset(self, engine: Engine | None = None) -> None:
-        self.images, self.labels = [], []
-        self.confusion.zero_()
-
-    def update(self, engine: Engine) -> None:
-        y_pred, y = self.view(engine.state.output) if self.view is not None else engine.state.output
-        if not self.confusion.numel():  # first batch: the logits say how many classes, unless given
-            self.num_classes = self.num_classes or y_pred.shape[1]
-            self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
-        pred = y_pred.argmax(1)
-        index = (y * self.num_classes + pred).cpu()
-        self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
-        room = self.limit - len(self.images)
-        x = getattr(engine.state, "inputs", None)  # the evaluator's prepared input
-        if room > 0 and _is_image_batch(x) and x.shape[0] == y.shape[0]:
-            wrong = (pred != y).nonzero().flatten()[:room].cpu()
-            for i in wrong.tolist():
-                self.images.append(x[i].detach().float().cpu().reshape(-1, *x.shape[-2:]))
-                self.labels.append((int(pred[i]), int(y[i])))
-
-
-def _is_image_batch(x: Any) -> bool:
-    """(N, H, W) grey, or (N, C, H, W) with 1 or 3 channels: something to show as pictures."""
-    return isinstance(x, torch.Tensor) and x.dim() == 3 or (x.dim() == 4 and x.shape[1] in (1, 3))
 
 
 class TensorBoardLogging:
@@ -181,8 +129,12 @@ class TensorBoardLogging:
                 scalars[tag] = float(value)
         add_scalars_fast(self.writer, scalars, epoch)
         validated = any(k.startswith("val_") for k in engine.state.metrics)
-        if validated and self.collector is not None and self.collector.confusion.numel() and self._images_due(engine):
-            add_image_fast(self.writer, "val/confusion_matrix", confusion_matrix_image(self.collector.confusion), epoch)
+        counts = self.collector.confusion if self.collector is not None else None
+        if validated and counts is not None and self._images_due(engine):
+            if counts.shape[0] <= PICTURE_CLASSES:
+                add_image_fast(self.writer, "val/confusion_matrix", confusion_matrix_image(counts.to_dense()), epoch)
+            else:
+                self.writer.add_text("val/most_confused", confusion_table(counts), epoch)
             if self.collector.images:
                 images = torch.stack(self.collector.images)
                 if self.denormalize is not None:

@@ -15,7 +15,8 @@ from engine.data import InMemoryLoader
 from engine.device import split_batch, tensors_in
 from engine.errors import ConfigError
 
-__all__ = ["BatchError", "LabelGuard", "check_batch", "check_first_batches", "check_targets", "class_balance", "diagnose", "has_batch_norm",
+__all__ = ["BatchError", "LabelGuard", "check_batch", "check_first_batches", "check_targets", "class_balance",
+           "diagnose", "has_batch_norm",
            "input_mismatch", "peek_batch", "pixel_scale", "probability_outputs", "unregistered"]
 
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
@@ -36,13 +37,30 @@ def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def input_mismatch(model: nn.Module, x: Any, exc: BaseException, name: str) -> str | None:
+_ARGUMENTS = re.compile(r"missing \d+ required positional argument|takes \d+ positional arguments? but \d+ w"
+                        r"|got an unexpected keyword argument")
+
+
+def input_mismatch(model: nn.Module, x: Any, exc: BaseException, name: str, own_call: bool = False) -> str | None:
     """Why the model's forward raised ``exc`` on ``x``, when that is the inputs' type, in one line:
-    a list, tuple or dict where it wants a tensor (samples returning Python lists), images with their
+    a dict or a tuple of inputs for a forward that takes them as several arguments (``model_fn``), a
+    list, tuple or dict where it wants a tensor (samples returning Python lists), images with their
     channels last or none, images not flattened for a ``Linear``, or a dtype other than its parameters'
-    (NumPy's float64, uint8 pixels). ``None`` when the inputs look right: then it is the model's own error."""
+    (NumPy's float64, uint8 pixels). ``None`` when the inputs look right: then it is the model's own error.
+    ``own_call``: the user's ``model_fn`` called the model (then how it is called is not ours to say)."""
     first = _first_line(exc)
     kind = type(x).__name__
+    if not own_call and isinstance(exc, TypeError) and _ARGUMENTS.search(first):
+        if isinstance(x, Mapping):
+            keys = ", ".join(map(str, x))
+            return (f"the {name} set's batches are dicts, so the model is called with their keys besides the target "
+                    f"({keys}) as one dict, but its forward takes separate arguments ({first}): pass model_fn=lambda "
+                    f"model, x: model(**x) (each key as the argument of its name), or prepare_batch=fn(batch, device, "
+                    f"non_blocking) -> (x, y)")
+        if isinstance(x, (tuple, list)):
+            return (f"the {name} set's inputs are {_shape(x)}, so the model is called with them as one argument, but "
+                    f"its forward takes separate arguments ({first}): pass model_fn=lambda model, x: model(*x), or "
+                    f"prepare_batch=fn(batch, device, non_blocking) -> (x, y)")
     if isinstance(x, (list, tuple)) and isinstance(exc, TypeError) and f"not {kind}" in first:
         return (f"the {name} set's inputs reach the model as {_shape(x)}, which it cannot take ({first}): return a "
                 f"tensor from __getitem__ (torch.tensor(...), not a Python {kind}), or pass "
@@ -326,6 +344,7 @@ def check_batch(
     amp: str | None = None,
     all_targets: torch.Tensor | None = None,
     log: Callable[[str], None] | None = None,
+    model_fn: Callable[[nn.Module, Any], Any] | None = None,
 ) -> int | None:
     """One forward of ``batch`` in eval mode, then :func:`diagnose`: a :class:`ConfigError` naming
     ``name`` for the first mismatch. ``all_targets`` (a set held as tensors): every label is checked.
@@ -339,9 +358,9 @@ def check_batch(
         x, y = prepare_batch(batch, device, False)
         with autocast_context(device, amp):
             try:
-                y_pred = predict(model, x, model_transform)
+                y_pred = predict(model, x, model_transform, model_fn)
             except (RuntimeError, TypeError) as exc:
-                message = input_mismatch(model, x, exc, name)
+                message = input_mismatch(model, x, exc, name, model_fn is not None)
                 if message is None:
                     raise
                 raise ConfigError(message) from exc

@@ -17,8 +17,9 @@ from torch import nn
 
 from engine.errors import ConfigError, param
 
-__all__ = ["RunDevice", "available_memory", "check_processes", "keep_off_gpus", "model_device", "move_batch", "prepare_batch",
-           "resolve_device", "returned_home", "send_home", "split_batch", "tensors_in", "to_device", "to_host"]
+__all__ = ["RunDevice", "available_memory", "check_processes", "keep_off_gpus", "model_device", "move_batch",
+           "prepare_batch", "resolve_device", "returned_home", "send_home", "split_batch", "tensors_in", "to_device",
+           "to_host"]
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:

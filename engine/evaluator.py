@@ -33,12 +33,13 @@ def create_evaluator(
     prepare_batch: Callable[[Any, torch.device, bool], tuple[Any, Any]] | None = None,
     model_transform: Callable[[Any], torch.Tensor] | None = None,
     output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
+    model_fn: Callable[[nn.Module, Any], Any] | None = None,
 ) -> Engine:
     """Build an evaluator: an Ignite ``Engine`` whose output is ``(y_pred, y)``, with ``metrics`` attached.
 
     Metrics are exact per-sample means over the whole pass, a short last batch included;
     after ``evaluator.run(loader)`` they are in ``evaluator.state.metrics``. ``prepare_batch``,
-    ``model_transform`` and ``output_transform`` as for the trainer (Ignite's
+    ``model_fn``, ``model_transform`` and ``output_transform`` as for the trainer (Ignite's
     ``create_supervised_evaluator``); the prepared input of the last batch is ``state.inputs``.
     """
     prepare = prepare_batch or default_prepare_batch
@@ -56,7 +57,7 @@ def create_evaluator(
         if channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp):
-            y_pred = predict(model, x, model_transform)
+            y_pred = predict(model, x, model_transform, model_fn)
         if output_transform is not None:
             return output_transform(x, y, y_pred.float())
         return y_pred.float(), y

@@ -43,7 +43,8 @@ class RunSettings:
             ``n_saved``, ``save_every_iters``, ``log_every``, ``progress``, ``tensorboard``,
             ``tb_histograms``, ``tb_images_every``.
         engine: ``seed``, ``device``, ``deterministic`` (deterministic kernels on CUDA too: a resumed
-            run repeats an uninterrupted one bit for bit there, as on a CPU; costs some speed), ``amp`` (``None`` or ``"fp32"``: full precision; ``"auto"``: bf16
+            run repeats an uninterrupted one bit for bit there, as on a CPU; costs some speed),
+            ``amp`` (``None`` or ``"fp32"``: full precision; ``"auto"``: bf16
             where the hardware computes it natively, else fp32; ``"bf16"``, ``"fp16"``),
             ``accumulation_steps``, ``clip_grad_norm``,
             ``channels_last``, ``compile``, ``threads``.

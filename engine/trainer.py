@@ -28,7 +28,8 @@ class TrainStep:
 
     Batches and outputs of any shape, with Ignite's names (``create_supervised_trainer``):
     ``prepare_batch(batch, device, non_blocking) -> (x, y)`` (default: a pair, or a dict with a
-    target key), ``model_transform(output) -> y_pred`` (e.g. ``lambda out: out["logits"]``),
+    target key), ``model_fn(model, x) -> output`` (default ``model(x)``; a model of several inputs:
+    ``lambda model, x: model(**x)``), ``model_transform(output) -> y_pred`` (e.g. ``lambda out: out["logits"]``),
     ``output_transform(x, y, y_pred) -> (y_pred, y)``: what the training metrics see.
     ``batch_transform(x, generator) -> x`` augments the batch on the device, drawing from a
     generator seeded from ``(seed, epoch, iteration)`` (:mod:`engine.transforms`).
@@ -57,8 +58,9 @@ class TrainStep:
         batch_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
         pair_transform: Callable[[Any, Any], tuple[Any, Any]] | None = None,
         seed: int = 0,
+        model_fn: Callable[[nn.Module, Any], Any] | None = None,
     ) -> None:
-        for name, fn in (("prepare_batch", prepare_batch), ("model_transform", model_transform),
+        for name, fn in (("prepare_batch", prepare_batch), ("model_fn", model_fn), ("model_transform", model_transform),
                          ("output_transform", output_transform), ("batch_transform", batch_transform),
                          ("pair_transform", pair_transform)):
             if fn is not None and not callable(fn):
@@ -81,6 +83,7 @@ class TrainStep:
         self.grad_norm_every = grad_norm_every
         self.channels_last = channels_last
         self.prepare_batch = prepare_batch or default_prepare_batch
+        self.model_fn = model_fn
         self.model_transform = model_transform
         self.output_transform = output_transform
         self.batch_transform = batch_transform
@@ -106,7 +109,7 @@ class TrainStep:
         if acc == 1 or (iteration - 1) % acc == 0:
             optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.device, self.amp):
-            y_pred = predict(model, x, self.model_transform)
+            y_pred = predict(model, x, self.model_transform, self.model_fn)
             loss = self.loss_fn(y_pred, y)
         scaled = loss / acc if acc > 1 else loss
         if self.scaler is not None:
@@ -132,10 +135,11 @@ class TrainStep:
         return output
 
 
-def predict(model: nn.Module, x: Any, model_transform: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
-    """The model's predictions for ``x``: its output, through ``model_transform`` when given; anything
-    but a tensor ends in one line (:func:`check_prediction`)."""
-    out = model(x)
+def predict(model: nn.Module, x: Any, model_transform: Callable[[Any], torch.Tensor] | None = None,
+            model_fn: Callable[[nn.Module, Any], Any] | None = None) -> torch.Tensor:
+    """The model's predictions for ``x``: its output (``model_fn(model, x)``, default ``model(x)``),
+    through ``model_transform`` when given; anything but a tensor ends in one line (:func:`check_prediction`)."""
+    out = model(x) if model_fn is None else model_fn(model, x)
     y_pred = model_transform(out) if model_transform is not None else out
     if type(y_pred) is not torch.Tensor:
         check_prediction(y_pred, model_transform is not None)
@@ -200,13 +204,14 @@ def create_trainer(
     batch_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     pair_transform: Callable[[Any, Any], tuple[Any, Any]] | None = None,
     seed: int = 0,
+    model_fn: Callable[[nn.Module, Any], Any] | None = None,
 ) -> Engine:
     """Build the trainer: a plain Ignite ``Engine`` running :class:`TrainStep` on each batch.
 
     The model is moved to ``device`` (automatic: CUDA, then MPS, then CPU). ``amp`` is ``"bf16"``,
     ``"fp16"`` (with a ``GradScaler``, created when not given) or ``None``. Gradients are accumulated
     over ``accumulation_steps`` batches and, if ``clip_grad_norm`` is set, clipped to that L2 norm.
-    ``prepare_batch``, ``model_transform``, ``output_transform``, ``batch_transform``,
+    ``prepare_batch``, ``model_fn``, ``model_transform``, ``output_transform``, ``batch_transform``,
     ``pair_transform`` and ``seed``: see :class:`TrainStep`.
     The step object is ``engine.train_step``; the scaler, if any, ``engine.scaler`` (checkpoint it).
 
@@ -242,6 +247,7 @@ def create_trainer(
         batch_transform=batch_transform,
         pair_transform=pair_transform,
         seed=seed,
+        model_fn=model_fn,
     )
     engine = Engine(step)
     engine.train_step = step

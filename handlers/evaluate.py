@@ -63,6 +63,7 @@ def evaluate(
     model_transform: Callable[[Any], torch.Tensor] | None = None,
     output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
     collate_fn: Callable[[list], Any] | None = None,
+    model_fn: Callable[[nn.Module, Any], Any] | None = None,
 ) -> dict[str, Any]:
     """The model's ``loss`` (per-sample mean), ``accuracy`` (classification), your ``metrics`` and
     ``samples`` on ``data`` (a pair of tensors, a ``Dataset`` or a stream), as the validation of
@@ -75,28 +76,28 @@ def evaluate(
     Afterwards the model is back on the device it came from (with the checkpoint's weights).
     """
     with returned_home(model):
-        return _evaluate(model, data, settings, checkpoint, loss_fn, classification, metrics, prepare_batch,
-                         model_transform, output_transform, collate_fn)
+        settings, device, amp = _ready(model, settings, checkpoint)
+        loader = eval_loader(data, settings, device, collate_fn)
+        if loss_fn is None:
+            loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()
+        calls = dict(prepare_batch=prepare_batch, model_fn=model_fn, model_transform=model_transform)
+        check_first_batches(model, {"test": loader}, **{**calls, "prepare_batch": prepare_batch or
+                                                         default_prepare_batch},
+                            loss_fn=loss_fn, classification=classification, device=device, amp=amp)  # fmt: skip
+        return _scores(model, loader, settings, device, amp, loss_fn, classification, metrics,
+                       dict(calls, output_transform=output_transform))
 
 
-def _evaluate(model: nn.Module, data: Data, settings: RunSettings | None, checkpoint: str | Path | None,
-              loss_fn: Callable | None, classification: bool, metrics: Mapping[str, Metric] | None,
-              prepare_batch: Callable | None, model_transform: Callable | None, output_transform: Callable | None,
-              collate_fn: Callable | None) -> dict[str, Any]:  # fmt: skip
-    settings, device, amp = _ready(model, settings, checkpoint)
-    loader = eval_loader(data, settings, device, collate_fn)
-    if loss_fn is None:
-        loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()
-    check_first_batches(model, {"test": loader}, prepare_batch=prepare_batch or default_prepare_batch,
-                        model_transform=model_transform, loss_fn=loss_fn, classification=classification,
-                        device=device, amp=amp)  # fmt: skip
+def _scores(model: nn.Module, loader: Any, settings: RunSettings, device: torch.device, amp: str | None,
+            loss_fn: Callable, classification: bool, metrics: Mapping[str, Metric] | None,
+            calls: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The evaluator's pass over ``loader``: every metric, as the validation of :func:`fit` computes it."""
     scores: dict[str, Metric] = {"loss": Loss(loss_fn)}
     if classification:
         scores["accuracy"] = Accuracy(output_transform=AccuracyView(loss_fn))
     scores.update({**(metrics or {}), "samples": SampleCount()})
     evaluator = create_evaluator(model, scores, device=device, amp=amp, channels_last=settings.channels_last,
-                                 prepare_batch=prepare_batch, model_transform=model_transform,
-                                 output_transform=output_transform)  # fmt: skip
+                                 **calls)  # fmt: skip
     with deterministic_algorithms(settings.deterministic):
         evaluator.run(loader)
     return dict(evaluator.state.metrics)
@@ -120,6 +121,7 @@ def predict(
     prepare_batch: Callable[[Any, torch.device, bool], tuple[Any, Any]] | None = None,
     model_transform: Callable[[Any], torch.Tensor] | None = None,
     collate_fn: Callable[[list], Any] | None = None,
+    model_fn: Callable[[nn.Module, Any], Any] | None = None,
 ) -> torch.Tensor:
     """The model's outputs on ``data``, in its order, as one float tensor on the CPU (``[N, C]``
     logits for a classifier: ``.argmax(1)`` are the classes, ``.softmax(1)`` the probabilities).
@@ -127,34 +129,36 @@ def predict(
     ``data``: a tensor of inputs, a pair ``(inputs, targets)``, or a ``Dataset`` / stream whose samples
     are inputs or ``(input, target)`` pairs (targets are not used). Batches of
     ``settings.val_batch_size``, eval mode, no gradient, in one process. ``checkpoint``,
-    ``prepare_batch``, ``model_transform`` and ``collate_fn``: as for :func:`evaluate`. Afterwards the
-    model is back on the device it came from.
+    ``prepare_batch``, ``model_fn``, ``model_transform`` and ``collate_fn``: as for :func:`evaluate`.
+    Afterwards the model is back on the device it came from.
     """
     if idist.get_world_size() > 1:
         raise ConfigError("predict runs in one process: call it outside the distributed run, or on rank 0 alone")
     with returned_home(model):
-        return _predict(model, data, settings, checkpoint, prepare_batch, model_transform, collate_fn)
+        return _predict(model, data, settings, checkpoint, collate_fn,
+                        dict(prepare_batch=prepare_batch, model_fn=model_fn, model_transform=model_transform))
 
 
 def _predict(model: nn.Module, data: Any, settings: RunSettings | None, checkpoint: str | Path | None,
-             prepare_batch: Callable | None, model_transform: Callable | None,
-             collate_fn: Callable | None) -> torch.Tensor:  # fmt: skip
+             collate_fn: Callable | None, calls: dict[str, Any]) -> torch.Tensor:  # fmt: skip
     settings, device, amp = _ready(model, settings, checkpoint)
     if isinstance(data, torch.Tensor):
         data = (data, torch.zeros(len(data)))  # the targets are not read
     loader = eval_loader(data, settings, device, collate_fn, name="prediction")
-    if prepare_batch is None:
-        def prepare_batch(batch: Any, device: torch.device, non_blocking: bool) -> tuple[Any, None]:
+    if calls["prepare_batch"] is None:
+        def inputs_only(batch: Any, device: torch.device, non_blocking: bool) -> tuple[Any, None]:
             return to_device(_inputs(batch), device, non_blocking), None
+        calls["prepare_batch"] = inputs_only
     evaluator = create_evaluator(model, {}, device=device, amp=amp, channels_last=settings.channels_last,
-                                 prepare_batch=prepare_batch, model_transform=model_transform)  # fmt: skip
+                                 **calls)  # fmt: skip
     outputs: list[torch.Tensor] = []
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output[0].cpu()))
     try:
         with deterministic_algorithms(settings.deterministic):
             evaluator.run(loader)
     except (RuntimeError, TypeError) as exc:  # the inputs' type or layout: one line, as fit says it
-        message = input_mismatch(model, getattr(evaluator.state, "inputs", None), exc, "prediction")
+        message = input_mismatch(model, getattr(evaluator.state, "inputs", None), exc, "prediction",
+                                 calls["model_fn"] is not None)
         if message is None:
             raise
         raise ConfigError(message) from exc

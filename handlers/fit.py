@@ -367,6 +367,7 @@ def build_run(
     output_transform: Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
     collate_fn: Callable[[list], Any] | None = None,
     sample_weights: Any = None,
+    model_fn: Callable[[nn.Module, Any], Any] | None = None,
 ) -> Run:
     """Everything :func:`fit` does up to ``trainer.run``: the :class:`handlers.run.Run`, whose
     ``trainer``, ``evaluator`` and handlers you can still change before ``run.run()``.
@@ -388,7 +389,7 @@ def build_run(
         loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing) if classification else nn.MSELoss()
     amp = resolve_amp(settings.amp, device, log=write_line)
     checks = dict(prepare_batch=prepare_batch or default_prepare_batch, model_transform=model_transform,
-                  loss_fn=loss_fn, classification=classification, device=device, amp=amp)
+                  loss_fn=loss_fn, classification=classification, device=device, amp=amp, model_fn=model_fn)
     for line in unregistered(model):
         write_line(line)
     classes = check_first_batches(model, {"training": train_loader, "validation": val_loader}, log=write_line,
@@ -404,7 +405,7 @@ def build_run(
     finder = None
     if settings.find_lr or settings.lr == "find":
         finder = _run_lr_finder(run_model, optimizer, loss_fn, train_loader, settings, device, amp,
-                                dict(prepare_batch=train_prepare, model_transform=model_transform,
+                                dict(prepare_batch=train_prepare, model_transform=model_transform, model_fn=model_fn,
                                      output_transform=output_transform, batch_transform=train_transform,
                                      pair_transform=pair_transform))
         if settings.find_lr:
@@ -420,7 +421,7 @@ def build_run(
                              accumulation_steps=settings.accumulation_steps, clip_grad_norm=settings.clip_grad_norm,
                              grad_norm_every=settings.log_every if settings.tensorboard else 0,
                              channels_last=settings.channels_last, prepare_batch=train_prepare,
-                             model_transform=model_transform, output_transform=output_transform,
+                             model_fn=model_fn, model_transform=model_transform, output_transform=output_transform,
                              batch_transform=train_transform, pair_transform=pair_transform, seed=settings.seed)
     if ema is not None:  # before the checkpoints: a save at an iteration holds that iteration's average
         ema.attach(trainer, name="ema_momentum")
@@ -434,7 +435,7 @@ def build_run(
             val_metrics["accuracy"] = Accuracy(output_transform=view)
         val_metrics.update({**extra, "samples": SampleCount()})
         return create_evaluator(net, val_metrics, device=device, amp=amp, channels_last=settings.channels_last,
-                                prepare_batch=val_prepare, model_transform=model_transform,
+                                prepare_batch=val_prepare, model_fn=model_fn, model_transform=model_transform,
                                 output_transform=output_transform)
 
     evaluator = evaluator_of(ema.ema_model if ema is not None else eval_model, metrics or {})
@@ -442,9 +443,10 @@ def build_run(
     if ema is not None:  # the best file's model is the average; the momentum warm-up resumes where it was
         saved = {"model": ema.ema_model, "raw_model": model, "ema_momentum": _StepCount(ema.momentum_scheduler)}
     run = attach_run(trainer, evaluator, train_loader=train_loader, val_loader=val_loader, settings=settings,
-                      to_save={**saved, "optimizer": optimizer, **(to_save or {})},
-                      classification=classification, handlers=handlers, denormalize=denormalize, name=name, device=place,
-                      extra_config={"device": str(device), "precision": amp or "fp32",
+                     to_save={**saved, "optimizer": optimizer, **(to_save or {})},
+                     classification=classification, handlers=handlers, denormalize=denormalize, name=name,
+                     device=place,
+                     extra_config={"device": str(device), "precision": amp or "fp32",
                                     **({"train_transform": repr(train_transform)} if train_transform else {}),
                                     **({"pair_transform": repr(pair_transform)} if pair_transform else {}),
                                     **({"lr_finder": {"suggestion": finder.suggestion, "range": list(finder.tried)}}
@@ -497,6 +499,9 @@ def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None =
             generators seeded from ``(seed, epoch, iteration)`` and put back after: exact on resume.
         prepare_batch: ``fn(batch, device, non_blocking) -> (x, y)`` (default: a pair, or a dict
             with a ``label``/``labels``/``target``/``targets``/``y`` key).
+        model_fn: ``fn(model, x) -> output`` (Ignite's name and signature; default ``model(x)``): how the
+            model is called, e.g. ``lambda model, x: model(**x)`` for a forward of several inputs fed a dict
+            batch (``{"input_ids", "attention_mask", "labels"}``), with no wrapper module.
         model_transform: ``fn(model_output) -> y_pred``, for a model returning a dict or a tuple.
         output_transform: ``fn(x, y, y_pred) -> (y_pred, y)``: what the metrics see.
         collate_fn: ``fn(samples) -> batch`` for both sets (e.g. padding samples of different lengths);

@@ -166,7 +166,8 @@ class NanGuard:
             bad = non_finite_samples(engine.state.batch)
             if bad:
                 part, rows = bad
-                self.log(f"Stopped: the training batch at {where} holds NaN or infinite {part} (sample(s) {_listed(rows)} of "
+                self.log(f"Stopped: the training batch at {where} holds NaN or infinite {part} (sample(s) "
+                         f"{_listed(rows)} of "
                          f"the batch), so the loss became {loss}; the data is at fault, not the training: check the "
                          f"data set and its transforms. No checkpoint was written from this state")
                 return

@@ -377,7 +377,8 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
     run.nan_guard = NanGuard(log=write_line, check_every=check_every, data=run.train_loader).attach(trainer)
     run.to_save = {**to_save, "trainer": trainer, "lr_schedule": run.lr_schedule, "early_stopping": run.early_stopping,
                    "history": run.history, "train_metrics": run.train_metrics,
-                   "rng": PerRank(RNGState(run.device.generator_device), "RNG state")}  # Ignite's metrics keep their sums per rank themselves
+                   # Ignite's metrics keep their sums per rank themselves
+                   "rng": PerRank(RNGState(run.device.generator_device), "RNG state")}
     order = data_order(run.train_loader, trainer)
     if order is not None:
         run.to_save["data"] = PerRank(order, "data position")

@@ -38,13 +38,23 @@ def run(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) ->
                           env=full_env)
 
 
-@pytest.mark.parametrize("name, limit", [("train_mnist.py", 150), ("train_cifar10.py", 100)])
+@pytest.mark.parametrize("name, limit", [("train_mnist.py", 150), ("train_cifar10.py", 100), ("train_text.py", 80)])
 def test_examples_are_short_and_hold_no_run_machinery(name, limit):
     source = (EXAMPLES / name).read_text()
     assert len(source.splitlines()) <= limit
     for machinery in ("import signal", "torch.save", "torch.load", "ignite.distributed", "Checkpoint", "RunLock",
                       "find_resume", "sys.excepthook", "SIGTERM"):
         assert machinery not in source, machinery
+
+
+def test_the_readme_text_example_is_the_script_and_trains_as_written(tmp_path):
+    source = (EXAMPLES / "train_text.py").read_text()
+    assert f"```python\n{source}```\n" in (ROOT / "README.md").read_text()  # the README's copy is the file
+    proc = run(str(EXAMPLES / "train_text.py"), "--output-dir", str(tmp_path / "r"), *QUIET, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert len(rows) == 5 and rows[-1]["val_accuracy"] > 0.9
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["model_summary"]["input_shape"]["input_ids"][0] == 64
 
 
 def test_the_readme_program_runs_as_written(tmp_path):

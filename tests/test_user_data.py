@@ -94,6 +94,31 @@ def test_sigkill_mid_epoch_2_then_resume_equals_an_uninterrupted_run(tmp_path, k
     assert sorted(set(replayed)) == sorted(line for line in straight_records if int(line.split()[0]) > saved_at)
 
 
+@pytest.mark.parametrize("kind", ["dict", "text"])  # a dict of one image; a dict of two inputs for forward(a, b)
+def test_dict_and_two_input_batches_with_every_default_handler_resume_bit_exact_after_sigkill(tmp_path, kind):
+    args = ["--kind", kind, "--save-every-iters", "2", "--seed", "4", "--deterministic", "--all-handlers"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert in_this_process(*args, "--output-dir", str(straight)).returncode == 0
+    assert program(*args, "--output-dir", str(killed), "--kill-at", "13").returncode == -signal.SIGKILL
+    resumed = program(*args, "--output-dir", str(killed), "--resume", "auto")
+    assert resumed.returncode == 0 and "iteration 12)" in resumed.stdout, resumed.stderr
+    assert "Epoch 2, Batch 6, Train Loss: " in resumed.stdout and (killed / "tb").is_dir()  # lines, TensorBoard
+    assert history(killed) == history(straight)
+    a, b = newest_state(straight), newest_state(killed)
+    assert_same_tensors(a["model"], b["model"], "model")
+    assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
+
+
+def test_a_two_input_forward_without_model_fn_is_one_line_naming_it(tmp_path):
+    bad = program("--kind", "text", "--no-model-fn", "--output-dir", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and not (tmp_path / "bad").exists()
+    assert bad.stderr.strip().splitlines() == [
+        "error: the training set's batches are dicts, so the model is called with their keys besides the target "
+        "(input_ids, attention_mask) as one dict, but its forward takes separate arguments (TextClassifier.forward() "
+        "missing 1 required positional argument: 'attention_mask'): pass model_fn=lambda model, x: model(**x) (each "
+        "key as the argument of its name), or prepare_batch=fn(batch, device, non_blocking) -> (x, y)"]
+
+
 @pytest.mark.parametrize("kind", ["augment", "fast"])
 def test_the_same_run_with_0_and_2_workers_trains_on_identical_batches(tmp_path, kind):
     logs = []

@@ -5,6 +5,7 @@ N's checkpoint, `--record PATH` writes one line per training batch (iteration, c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import resource
@@ -25,9 +26,10 @@ from torchvision.transforms import v2  # noqa: E402
 
 from engine import RunSettings  # noqa: E402
 from engine.transforms import Compose, RandomCrop, RandomHorizontalFlip  # noqa: E402
+from examples.train_text import Reviews, TextClassifier, pad  # noqa: E402
 from handlers import cli, fit  # noqa: E402
 
-KINDS = ("augment", "fast", "stream", "stream-stateless", "dict", "lazy")
+KINDS = ("augment", "fast", "stream", "stream-stateless", "dict", "text", "lazy")
 
 
 def images(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +128,7 @@ class Record:
 
     def __call__(self, engine: Engine) -> None:
         batch = engine.state.batch
-        x = batch["image"] if isinstance(batch, dict) else batch[0]
+        x = (batch.get("image", batch.get("input_ids")) if isinstance(batch, dict) else batch[0]).float()
         with open(self.path, "a") as f:
             f.write(f"{engine.state.iteration} {float(x.double().sum()):.10e} {float((x.double() ** 2).sum()):.10e}\n")
 
@@ -163,6 +165,8 @@ class Settings(RunSettings):
     kill_at: int | None = None
     record: str | None = None
     model_transform: bool = True
+    model_fn: bool = True
+    all_handlers: bool = False  # TensorBoard, console lines every 2 batches, early stopping: every default on
     epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-2
@@ -173,6 +177,8 @@ class Settings(RunSettings):
 
 
 def train(s: Settings):
+    if s.all_handlers:
+        s = dataclasses.replace(s, tensorboard=True, log_every=2, patience=3)
     started = time.perf_counter()
     extra = [KillAt(s.kill_at)] if s.kill_at else []
     extra += [Record(s.record)] if s.record else []
@@ -182,6 +188,11 @@ def train(s: Settings):
     elif s.kind == "fast":
         train_set, val_set = images(256, 1), images(96, 2)
         options["train_transform"] = Compose(RandomCrop(2), RandomHorizontalFlip())
+    elif s.kind == "text":  # examples/train_text.py's: padded dict batches, forward(input_ids, attention_mask)
+        train_set, val_set = Reviews(256, 1), Reviews(96, 2)
+        options["collate_fn"] = pad
+        if s.model_fn:
+            options["model_fn"] = lambda model, x: model(**x)
     elif s.kind.startswith("stream"):
         stateful = s.kind == "stream"
         train_set, val_set = PositionStream(200, 1, stateful), PositionStream(96, 2, stateful)
@@ -190,7 +201,8 @@ def train(s: Settings):
         extra.append(FirstBatch(started))
     if s.kind == "dict" and s.model_transform:
         options["model_transform"] = lambda out: out["logits"]
-    return fit(Net(s.kind == "dict"), train_set, val_set, s, name=s.kind, handlers=extra, **options)
+    model = TextClassifier() if s.kind == "text" else Net(s.kind == "dict")
+    return fit(model, train_set, val_set, s, name=s.kind, handlers=extra, **options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-at", type=cli.positive_int)
     parser.add_argument("--record")
     parser.add_argument("--no-model-transform", dest="model_transform", action="store_false", default=None)
+    parser.add_argument("--no-model-fn", dest="model_fn", action="store_false", default=None)
+    parser.add_argument("--all-handlers", action="store_true", default=None)
     return cli.main(train, parser, Settings, argv=argv)
 
 

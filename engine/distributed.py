@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from engine.errors import ConfigError
 
-__all__ = ["PeerLost", "PerRank", "attempt", "destroy", "init_process_group", "is_peer_failure", "missing_ranks"]
+__all__ = ["PeerLost", "PerRank", "attempt", "destroy", "ended_ranks", "init_process_group", "is_peer_failure",
+           "missing_ranks"]
 
 _store: dist.Store | None = None
 
@@ -111,7 +112,10 @@ def _ended(rank: int, here: str) -> bool:
 
 
 def is_peer_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is a collective that failed because another process went away."""
+    """Whether ``exc`` is a collective that failed because another process went away, or this process's
+    DataLoader workers killed by the launcher as it ends the group after another process died."""
+    if _workers_stopped(exc):
+        return bool(ended_ranks())
     backend_error = getattr(dist, "DistBackendError", ())
     if backend_error and isinstance(exc, backend_error):
         return True
@@ -120,6 +124,24 @@ def is_peer_failure(exc: BaseException) -> bool:
     text = str(exc)
     return any(s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
                                    "gloo/transport", "NCCL communicator was aborted", "Socket Timeout"))
+
+
+def ended_ranks() -> list[int]:
+    """The other ranks whose processes are known to have ended (on this machine), without waiting."""
+    if _store is None or not dist.is_initialized():
+        return []
+    here, rank = _process_id(), dist.get_rank()
+    try:
+        return [r for r in range(dist.get_world_size()) if r != rank and _ended(r, here)]
+    except (RuntimeError, OSError):
+        return []
+
+
+def _workers_stopped(exc: BaseException) -> bool:
+    """A DataLoader worker of this process killed or gone (a launcher's signal to the process group)."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in text and (
+        "killed by signal" in text or "exited unexpectedly" in text)
 
 
 def missing_ranks(wait_s: float = 3.0) -> list[int]:

@@ -19,7 +19,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 __all__ = ["add_hparams_fast", "add_image_fast", "add_scalars_fast", "checkpoint_items", "exception_handler_count",
-           "flush_tensorboardx", "move_metric_state", "queue_in_thread", "release_workers", "set_checkpoint_items",
+           "flush_tensorboardx", "load_engine_state", "move_metric_state", "queue_in_thread", "release_workers", "set_checkpoint_items",
            "stream_progress"]
 
 
@@ -31,6 +31,18 @@ def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
 def set_checkpoint_items(checkpoint: Checkpoint, items: list[Any]) -> None:
     """Replace that list (after a resume, without the files that are gone)."""
     checkpoint._saved = [Checkpoint.Item(priority, filename) for priority, filename in items]
+
+
+def load_engine_state(engine: Engine, state: Mapping[str, Any]) -> None:
+    """``engine.load_state_dict(state)``, also for a state saved during a stream's first pass (its
+    ``epoch_length`` still unknown, ``None``): Ignite 0.5.5 refuses that one before reaching its own code
+    for it (epoch 0, the iteration as saved), so it is loaded at iteration 0 and then set as that code does."""
+    iteration = state.get("iteration")
+    if state.get("epoch_length") is None and "epoch" not in state and iteration:
+        engine.load_state_dict({**state, "iteration": 0})
+        engine.state.iteration, engine.state.epoch = int(iteration), 0
+        return
+    engine.load_state_dict(state)
 
 
 def move_metric_state(metric: Any, device: torch.device) -> None:

@@ -206,12 +206,14 @@ def uninterrupted(mnist_root, tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("path, victim, at", [("memory", 1, 50), ("torchvision", 0, 40)])
+# rank 0 (the one holding the folder's lock) killed while its 2 DataLoader workers live on: the restart takes the lock
+@pytest.mark.parametrize("path, victim, at, workers", [("memory", 1, 50, 0), ("torchvision", 0, 40, 2)])
 def test_torchrun_restarts_a_killed_worker_and_the_run_equals_an_uninterrupted_one(
-        uninterrupted, mnist_root, tmp_path, path, victim, at):  # fmt: skip
+        uninterrupted, mnist_root, tmp_path, path, victim, at, workers):  # fmt: skip
     out = tmp_path / "killed"
     cmd = [*torchrun_cmd(tmp_path / "torchrun"), "--max-restarts", "2", str(SCRIPT), *RECIPES[path], *FT,
-           "--data-path", path, "--output-dir", str(out), "--resume", "auto", "--data-dir", str(mnist_root)]
+           "--data-path", path, "--num-workers", str(workers), "--output-dir", str(out), "--resume", "auto",
+           "--data-dir", str(mnist_root)]
     proc, _ = _kill_worker_after(cmd, out, victim, at)  # mid-epoch 2
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, text[-4000:]

@@ -5,6 +5,7 @@ and dict outputs, a data set far larger than memory."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -63,7 +64,9 @@ def history(run: Path) -> list[dict]:
 # 8 batches an epoch (256 samples; the streams: 200 samples, 7 batches); killed in epoch 2, one iteration
 # after a checkpoint (a handler of the user's runs before ours at the same event)
 # the stateful stream read by 2 workers (each keeps its own position in its share: torchdata saves both)
-KILLED = [("augment", 0, 13), ("augment", 2, 13), ("fast", 0, 13), ("stream", 2, 11), ("stream-stateless", 0, 11)]
+# and the stream killed in its first pass, while the length of its epochs is not yet known
+KILLED = [("augment", 0, 13), ("augment", 2, 13), ("fast", 0, 13), ("stream", 2, 11), ("stream", 2, 5),
+          ("stream-stateless", 0, 11)]
 
 
 @pytest.mark.parametrize("kind, workers, kill_at", KILLED)
@@ -92,6 +95,21 @@ def test_sigkill_mid_epoch_2_then_resume_equals_an_uninterrupted_run(tmp_path, k
     replayed = [line for line in records if int(line.split()[0]) > saved_at]
     straight_records = (tmp_path / "straight.txt").read_text().splitlines()
     assert sorted(set(replayed)) == sorted(line for line in straight_records if int(line.split()[0]) > saved_at)
+
+
+@pytest.mark.parametrize("kind", ["augment", "stream"])  # the loader path and a stream, each read by 2 workers
+def test_a_run_killed_with_two_workers_leaves_its_folder_free_at_once(tmp_path, kind):
+    args = ["--kind", kind, "--num-workers", "2", "--save-every-iters", "2", "--epochs", "2"]
+    out = tmp_path / "r"
+    assert program(*args, "--output-dir", str(out), "--kill-at", "5").returncode == -signal.SIGKILL
+    fd = os.open(out / ".lock", os.O_RDWR)  # at once: the killed run's workers are still alive (5 s to notice)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if one of them still held the lock
+    finally:
+        os.close(fd)
+    resumed = program(*args, "--output-dir", str(out), "--resume", "auto")
+    assert resumed.returncode == 0 and "is in use" not in resumed.stderr, resumed.stderr
+    assert "iteration 4)" in resumed.stdout
 
 
 @pytest.mark.parametrize("kind", ["dict", "text"])  # a dict of one image; a dict of two inputs for forward(a, b)

@@ -16,9 +16,11 @@ from typing import Any, Callable, Mapping
 
 import ignite.distributed as idist
 import torch
+from ignite.engine import Engine
 from torch import nn
 
 from engine.errors import CheckpointError
+from handlers.adapters import load_engine_state
 
 __all__ = [
     "FORMAT",
@@ -144,6 +146,9 @@ def restore(to_load: Mapping[str, Any], checkpoint: Mapping[str, Any], path: str
         _check_model_state(model, model_state, path)
     for key, obj in to_load.items():
         try:
+            if isinstance(obj, Engine):
+                load_engine_state(obj, checkpoint[key])
+                continue
             obj.load_state_dict(checkpoint[key])
         except CheckpointError:
             raise

@@ -45,7 +45,7 @@ from handlers.console import write_line
 from handlers.data_wait import DataWaitHint
 from handlers.lr_finder import LRFinder
 from handlers.metrics import AccuracyView, SampleCount
-from handlers.run import Run, RunResult, attach_run, check_output_dir, data_order
+from handlers.run import Run, RunResult, attach_run, check_output_dir, data_order, make_output_dir
 from handlers.validation import Validation
 
 __all__ = ["build_run", "data_route", "fit", "make_loaders", "make_optimizer", "read_into_memory", "run_device",
@@ -591,6 +591,7 @@ class _FinderOnly:
     def run(self) -> RunResult:
         out = check_output_dir(self.settings.output_dir, self.settings.resume, self.name)
         if idist.get_rank() == 0:
+            make_output_dir(out)
             self.finder.write(out, tensorboard=self.settings.tensorboard)
             then = f"train at it with {param('lr', 'find')} or " if self.finder.suggestion is not None else "then "
             write_line(f"LR finder results: {out / 'lr_finder.json'}, {out / 'lr_finder.png'}; {then}"

@@ -10,6 +10,7 @@ The engines stay plain Ignite engines: attach your own handlers before or after,
 
 from __future__ import annotations
 
+import errno
 import inspect
 import os
 import time
@@ -45,7 +46,7 @@ from handlers.signals import GracefulStop
 from handlers.tensorboard import MisclassifiedCollector, TensorBoardLogging
 from handlers.validation import Validation
 
-__all__ = ["Run", "RunResult", "attach_run", "check_output_dir", "data_order"]
+__all__ = ["Run", "RunResult", "attach_run", "check_output_dir", "data_order", "make_output_dir"]
 
 
 def _process_start() -> float:
@@ -80,12 +81,45 @@ def check_output_dir(output_dir: str | Path | None, resume: str | None, name: st
     """The run folder (default ``runs/<name>-<timestamp>``); an existing run there is never
     overwritten unless resumed."""
     out = Path(output_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{param('output_dir')} {out} is a file, not a folder")
-    if resume is None and out.exists() and any(out.iterdir()) and not failed_start(out):
+    try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"{param('output_dir')} {out} is a file, not a folder")
+        holds_files = out.exists() and any(out.iterdir())
+    except OSError as exc:
+        raise ConfigError(f"{param('output_dir')} {out} cannot be read: {_why_not(out, exc)}; choose another "
+                          f"{param('output_dir')}") from None
+    if resume is None and holds_files and not failed_start(out):
         raise ConfigError(f"output dir {out} already holds a run: pass {param('resume', 'auto')} to continue it, "
                           f"or choose another {param('output_dir')}")
     return out
+
+
+def make_output_dir(out: Path) -> None:
+    """Make the run folder and check that it can be written (a file made and removed), before anything
+    else: a failure is one line naming the setting (a :class:`ConfigError`, exit 2), not an error
+    of the run's first write."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{param('output_dir')} {out} cannot be made or written: {_why_not(out, exc)}; choose "
+                          f"another {param('output_dir')}") from None
+
+
+def _why_not(out: Path, exc: OSError) -> str:
+    if exc.errno == errno.ENOTDIR:
+        blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        return f"{blocking} is a file, not a folder" if blocking is not None else "a part of it is not a folder"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        where = str(exc.filename or out)
+        return "permission denied" if where == str(out) else f"permission denied on {where}"
+    if exc.errno == errno.EROFS:
+        return "its file system is read-only"
+    if exc.errno == errno.ENOSPC:
+        return "no space is left on its disk"
+    return exc.strerror or str(exc)
 
 
 def failed_start(out: Path) -> bool:
@@ -317,7 +351,7 @@ def attach_run(
     run = Run(trainer, evaluator, train_loader, settings, out, classification, device)
     run.val_loader = val_loader
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out)
         run.lock = RunLock(out).acquire()  # first: a run still starting there is never mistaken for a dead one
         if settings.resume is None and failed_start(out):
             _clear_failed_start(out)

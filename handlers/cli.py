@@ -38,6 +38,7 @@ from handlers.config_file import load_config, settings_in_config
 from handlers.console import quiet_ignite
 from handlers.rng import seed_everything
 from handlers.run import RunResult
+from handlers.signals import LastLines, StopSignal
 from handlers.user_errors import FULL_TRACEBACK_ENV, report_failure
 
 __all__ = ["OneLineParser", "add_run_arguments", "exit_process", "launch", "main", "run_parser", "settings_from_args"]
@@ -350,9 +351,11 @@ def _guarded(body: Callable[[], int]) -> int:
     except CheckpointSaveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SAVE
-    except KeyboardInterrupt:
-        print("Interrupted before training started; nothing was saved", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # before any run of this process had started (then each run answers its own)
+        signum = exc.signum if isinstance(exc, StopSignal) else signal.SIGINT
+        print(f"Interrupted by {signal.Signals(signum).name} before training started; nothing was saved",
+              file=sys.stderr)
+        return 128 + signum
     except OSError as exc:  # disk full or read-only outside checkpointing (history, config, events)
         if exc.errno is None:  # an OSError of the user's own code, not of the disk
             report_failure(exc)
@@ -375,12 +378,26 @@ def main(per_process: PerProcess, parser: argparse.ArgumentParser, settings_cls:
     """
     quiet_ignite()
     flags = flag_map(parser)
+    last = LastLines().install()  # until the process exits: a signal after the run is answered, never a traceback
+    _state["last"] = last
     with flag_names(flags):
         args = parser.parse_args(argv)
         if getattr(args, "full_traceback", False):
             os.environ[FULL_TRACEBACK_ENV] = "1"  # spawned processes inherit it
         explicit = given_on_command_line(parser, argv) if getattr(args, "config", None) else None
-        return _guarded(lambda: launch(per_process, settings_from_args(args, settings_cls, presets, explicit), flags))
+        code = _guarded(lambda: launch(per_process, settings_from_args(args, settings_cls, presets, explicit), flags))
+    return _with_late_signal(code)
+
+
+_state: dict[str, LastLines | None] = {"last": None}
+
+
+def _with_late_signal(code: int) -> int:
+    """A run that ended well but got a stop signal afterwards exits as stopped by it (128 + signal)."""
+    last = _state.get("last")
+    if code == 0 and last is not None and last.received is not None:
+        return 128 + last.received
+    return code
 
 
 def _observed() -> bool:
@@ -404,6 +421,7 @@ def exit_process(code: int) -> NoReturn:
         sys.exit(code)
     gc.collect()
     atexit._run_exitfuncs()
+    code = _with_late_signal(code)  # a signal during the teardown (answered by main's handlers) counts too
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

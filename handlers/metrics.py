@@ -87,16 +87,16 @@ class TrainMetrics:
     loss is that function of the step's logits instead (``fit`` gives the plain cross-entropy when
     training smooths its labels, so that ``train_loss`` and ``val_loss`` measure the same thing).
 
-    The steps' outputs reach the metrics in groups of up to 16 batches (one concatenated update
-    instead of 16: right after the optimizer step each small op costs ~100 us on a CPU, and the
+    The steps' outputs reach the metrics in groups of up to 64 batches (one concatenated update
+    instead of 64: right after the optimizer step each small op costs ~100 us on a CPU, and the
     update per batch was ~1.5% of a small model's epoch). The batches held back are part of
     :meth:`state_dict`, so a resumed run groups, and sums, exactly as an uninterrupted one. Outputs
     that cannot be concatenated (other shapes, dtypes or devices than the group's, or not tensors)
-    close the group first; large ones go alone. With ``flush_every`` the group is also closed after
-    every batch of the epoch whose number is divisible by it (the run passes the console's
-    ``log_every``; the count starts again with each epoch, as the console's does): a line printed
-    then finds nothing held back, so :meth:`running` costs two reads instead of a copy of the
-    metrics and a second update with the same batches.
+    close the group first; large ones go alone. Where a group ends depends on the data alone, so the
+    sums (float32, whose last bits depend on how they are grouped) are the same whatever prints them
+    and how often: :meth:`running` feeds copies of the metrics. ``flush_every`` also closes the group
+    after every batch of the epoch whose number is divisible by it (a line printed then finds nothing
+    held back), at the price of sums that then depend on it; the run does not use it.
     """
 
     def __init__(self, prefix: str = "train_", accuracy: bool = True, loss_fn: Callable | None = None,

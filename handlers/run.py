@@ -242,7 +242,9 @@ class Run:
         return where
 
     def finish(self) -> RunResult:
-        """Write the last records, print the summary, release the run folder; the result."""
+        """Write the last records, print the summary, release the run folder; the result. The run's
+        signal handlers stay until its last line: a signal meanwhile is answered, and counted in the
+        exit code, without cutting anything short."""
         try:
             self.history.write()
             best = self.history.best(self.monitor, self.mode)
@@ -252,7 +254,20 @@ class Run:
                                                            "hparam/best_epoch": best and best["epoch"],
                                                            f"hparam/final_{self.monitor}": final})
         finally:
-            self.close()
+            self.close(signals=False)
+        try:
+            self._summary(best)
+            code = self.stop.exit_code if self.stop is not None else None
+            if code is None:
+                code = EXIT_NAN if self.nan_guard.triggered else EXIT_OK
+            checkpoint = self.checkpoint
+            return RunResult(code, self.output_dir, [dict(r) for r in self.history.epochs], best,
+                             checkpoint.best_path, checkpoint.last_path)
+        finally:
+            if self.stop is not None:
+                self.stop.uninstall()
+
+    def _summary(self, best: dict[str, Any] | None) -> None:
         out, checkpoint = self.output_dir, self.checkpoint
         if best is not None:
             write_line(f"Best {self.monitor.replace('_', ' ')}: {_shown(self.monitor, best[self.monitor])} at epoch "
@@ -268,15 +283,11 @@ class Run:
             write_line(f"Profile: {out / 'profile.json'}")
         if self.tensorboard is not None:
             write_line(f"TensorBoard: tensorboard --logdir {out / 'tb'}")
-        code = self.stop.exit_code
-        if code is None:
-            code = EXIT_NAN if self.nan_guard.triggered else EXIT_OK
-        return RunResult(code, out, [dict(r) for r in self.history.epochs], best, checkpoint.best_path,
-                         checkpoint.last_path)
 
-    def close(self) -> None:
-        """Put the signal handlers back, close TensorBoard, release the run folder (idempotent)."""
-        if self.stop is not None:
+    def close(self, signals: bool = True) -> None:
+        """Put the signal handlers back (unless ``signals`` is false: the summary is still to come), close
+        TensorBoard, release the run folder (idempotent)."""
+        if signals and self.stop is not None:
             self.stop.uninstall()
         if self.tensorboard is not None:
             self.tensorboard.close()
@@ -398,8 +409,9 @@ def _record_summary(run: Run, info: dict[str, Any]) -> None:
 def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable, handlers: Sequence[Any],
                      train_loss_fn: Callable | None = None, accuracy_view: AccuracyView | None = None) -> None:
     s, trainer, evaluator = run.settings, run.trainer, run.evaluator
+    # the groups' ends are fixed by the data alone, never by --log-every or a progress bar: the same sums, to the bit
     run.train_metrics = TrainMetrics(accuracy=run.classification, loss_fn=train_loss_fn, accuracy_view=accuracy_view,
-                                     flush_every=s.log_every, device=run.device.device).attach(trainer)
+                                     device=run.device.device).attach(trainer)
     Validation(evaluator, val_loader, every=s.val_every, watched={"monitor": run.monitor}).attach(trainer)
     run.lr_schedule = LRSchedule(s.scheduler, to_save["optimizer"], epochs=s.epochs, epoch_length=_epoch_length(run),
                                  warmup_epochs=s.warmup_epochs, metric=run.monitor, mode=run.mode).attach(trainer)

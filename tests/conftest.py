@@ -121,6 +121,18 @@ def pytest_collection_modifyitems(items: list) -> None:
     items.sort(key=lambda item: first[group_of[item]] if item in group_of else keys[item])
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_put_back():
+    """``cli.main`` keeps its SIGINT/SIGTERM handlers until its process exits: a test that calls it in this
+    process gets the worker's own back afterwards, as the next process would start with them."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 NO_GPU = "needs a CUDA GPU: torch.cuda.is_available() is False on this machine"
 
 
@@ -148,11 +160,14 @@ def in_process(main: Callable[[list[str]], int], argv: list[str],
     """``main(argv)`` (a program's ``cli.main``) run in this process, its output captured as a process's:
     for the runs whose process is not what a test is about (an uninterrupted reference run, the
     second case of a refusal already tested as a real process). ``MNIST_ROOT`` is unset meanwhile, as
-    ``run_script`` unsets it, and ``env`` set; both, and torch's thread count (``--threads``), are put
-    back afterwards."""
+    ``run_script`` unsets it, and ``env`` set; both, torch's thread count (``--threads``) and the signal
+    handlers (a program's stay until its process exits) are put back afterwards."""
+    import signal
+
     import torch  # here, not at the top: a worker's OMP_NUM_THREADS is set before torch starts
 
     out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # cli.main's stay until exit
     with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         os.environ.pop("MNIST_ROOT", None)  # the whole environment is put back on leaving
         try:
@@ -161,6 +176,8 @@ def in_process(main: Callable[[list[str]], int], argv: list[str],
             code = stop.code if isinstance(stop.code, int) else 1
         finally:
             torch.set_num_threads(threads)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 

@@ -218,3 +218,22 @@ def test_held_back_targets_are_saved_in_their_own_storage():
     held = seen["state"]["held_back"][0]
     assert [h["y"].untyped_storage().nbytes() for h in held] == [10 * 8, 10 * 8]
     assert all(torch.equal(h["y"], b["y"]) for h, b in zip(held, batches))
+
+
+def test_the_history_is_the_same_to_the_bit_whatever_prints_it_and_how_often(tmp_path):
+    # the console's cadence (every batch, 20, 50, never) and the progress bar must not touch the sums
+    from engine import RunSettings
+    from handlers import fit, seed_everything
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1300, 10, generator=g)
+    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 1).long()
+    rows = {}
+    for every, bar in ((1, False), (20, True), (50, False), (0, False)):
+        seed_everything(0)
+        settings = RunSettings(output_dir=str(tmp_path / f"e{every}"), epochs=2, batch_size=16, lr=1e-2,
+                               log_every=every, progress=bar, tensorboard=False)
+        rows[every] = [{k: v for k, v in r.items() if k not in ("epoch_seconds", "samples_per_second")}
+                       for r in fit(torch.nn.Linear(10, 3), (x[:1000], y[:1000]), (x[1000:], y[1000:]), settings).history]
+    assert rows[1] == rows[20] == rows[50] == rows[0]
+    assert rows[0][0]["train_loss"] != rows[0][1]["train_loss"]  # (figures that moved)

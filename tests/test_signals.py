@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from engine import RunSettings
 from handlers import fit, load_checkpoint, seed_everything
 from tests.test_run import figures
+from tests.test_user_data import program
 
 BATCH = 16
 
@@ -90,3 +91,39 @@ def test_a_signal_during_the_batch_fetch_stops_after_that_batch_and_resumes_exac
     assert figures(resumed.history) == figures(straight.history)
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- signals until the last line
+# A real program sends itself real SIGINTs at known places: the first after iteration 6 (checkpoints every 4
+# iterations: last_iter=4.pt is the newest complete one then), the next from inside the stop's own save, or as
+# the summary is printed, or after fit has returned.
+@pytest.mark.parametrize("again", ["save", "thrice", "summary", "after"])
+def test_every_further_signal_is_answered_truly_and_the_exit_is_130(tmp_path, again):
+    out = tmp_path / "r"
+    first = [] if again == "after" else ["--signal-at", "6"]
+    proc = program("--kind", "fast", "--save-every-iters", "4", *first, "--again-at", again, "--output-dir", str(out))
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and "Interrupted" not in proc.stderr
+    kept, saved = out / "checkpoints" / "last_iter=4.pt", out / "checkpoints" / "last_iter=6.pt"
+    lines = proc.stdout.splitlines()
+    if again in ("save", "thrice"):
+        assert (f"Received SIGINT again: the run stops once its checkpoint is written (send it a third time to quit "
+                f"at once; {kept} is kept)") in lines
+    if again == "save":
+        assert lines.index(f"Saved {saved} at epoch 1, iteration 6; continue with --resume auto") > \
+            next(i for i, line in enumerate(lines) if line.startswith("Received SIGINT again"))  # fmt: skip
+    if again == "thrice":
+        assert lines[-1] == (f"Received SIGINT a third time: quitting at once; {kept} is kept (the file being "
+                             f"written, if any, is left out)") and not saved.exists()
+    if again == "summary":
+        finishing = lines.index("Received SIGINT as the run finishes: its checkpoints are written; finishing its last "
+                                "lines")
+        assert lines[finishing + 1].startswith("Checkpoints: ") and lines[-1].startswith("History: ")
+    if again == "after":
+        assert proc.stderr.strip().splitlines() == [
+            f"Received SIGINT after the run had ended: its files are complete (newest checkpoint: "
+            f"{out / 'checkpoints' / 'last_iter=24.pt'}); exiting"]
+        return
+    load_checkpoint(saved if again != "thrice" else kept)  # complete and verified
+    resumed = program("--kind", "fast", "--save-every-iters", "4", "--output-dir", str(out), "--resume", "auto")
+    assert resumed.returncode == 0 and f"Resumed from {saved if again != 'thrice' else kept}" in resumed.stdout

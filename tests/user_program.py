@@ -116,6 +116,50 @@ class KillAt:
         return self
 
 
+class SignalAt:
+    """A user's Ctrl-C at a known place: SIGINT to this process after iteration ``at``; then ``again`` more
+    from where a test wants the next ones: from inside the stop's checkpoint save (``save``; ``thrice``:
+    two there), while the summary is printed (``summary``)."""
+
+    armed = False
+
+    def __init__(self, at: int, again: str | None) -> None:
+        self.at, self.again = at, again
+
+    def attach(self, trainer: Engine) -> "SignalAt":
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=self.at), self._first)
+        return self
+
+    def _first(self, engine: Engine) -> None:
+        SignalAt.armed = True
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def state_dict(self) -> dict:  # saved in every checkpoint: the stop's save calls it
+        if SignalAt.armed and self.again in ("save", "thrice"):
+            SignalAt.armed = False
+            for _ in range(2 if self.again == "thrice" else 1):
+                os.kill(os.getpid(), signal.SIGINT)
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SignalAtLine:
+    """Standard output that sends this process SIGINT as a line starting with ``prefix`` is written."""
+
+    def __init__(self, stream, prefix: str) -> None:
+        self.stream, self.prefix = stream, prefix
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.prefix):
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 class Record:
     """One line per training batch: iteration and a checksum of the inputs the model saw."""
 
@@ -167,6 +211,8 @@ class Settings(RunSettings):
     model_transform: bool = True
     model_fn: bool = True
     all_handlers: bool = False  # TensorBoard, console lines every 2 batches, early stopping: every default on
+    signal_at: int | None = None  # SIGINT after this iteration (SignalAt)
+    again_at: str | None = None  # save, thrice, summary (the next ones, SignalAt), after (once fit has returned)
     epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-2
@@ -181,6 +227,9 @@ def train(s: Settings):
         s = dataclasses.replace(s, tensorboard=True, log_every=2, patience=3)
     started = time.perf_counter()
     extra = [KillAt(s.kill_at)] if s.kill_at else []
+    extra += [SignalAt(s.signal_at, s.again_at)] if s.signal_at else []
+    if s.again_at == "summary":
+        sys.stdout = SignalAtLine(sys.stdout, "Checkpoints: ")
     extra += [Record(s.record)] if s.record else []
     options = {}
     if s.kind in ("augment", "dict"):
@@ -202,7 +251,10 @@ def train(s: Settings):
     if s.kind == "dict" and s.model_transform:
         options["model_transform"] = lambda out: out["logits"]
     model = TextClassifier() if s.kind == "text" else Net(s.kind == "dict")
-    return fit(model, train_set, val_set, s, name=s.kind, handlers=extra, **options)
+    result = fit(model, train_set, val_set, s, name=s.kind, handlers=extra, **options)
+    if s.again_at == "after":
+        os.kill(os.getpid(), signal.SIGINT)  # after the run, before the process's end
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-model-transform", dest="model_transform", action="store_false", default=None)
     parser.add_argument("--no-model-fn", dest="model_fn", action="store_false", default=None)
     parser.add_argument("--all-handlers", action="store_true", default=None)
+    parser.add_argument("--signal-at", type=cli.positive_int)
+    parser.add_argument("--again-at", choices=["save", "thrice", "summary", "after"])
     return cli.main(train, parser, Settings, argv=argv)
 
 

@@ -131,6 +131,13 @@ class RunDevice:
         return "nccl" if self.is_cuda else "gloo"
 
     @property
+    def defer_reads(self) -> bool:
+        """Whether reading a result on the host makes it wait for the device (CUDA: the host would stop
+        queueing work until the step is done). Then the run's handlers read losses at the console's
+        cadence and at epoch ends only, never on an ordinary iteration."""
+        return self.is_cuda
+
+    @property
     def generator_device(self) -> torch.device | None:
         return self.device if self.is_cuda else None
 

@@ -1,18 +1,22 @@
-"""Mixed precision: autocast and ``GradScaler`` for the trainer and the evaluator, and which reduced
-precision the hardware computes natively (``amp="auto"`` picks bf16 only there)."""
+"""Mixed precision: autocast and ``GradScaler`` for the trainer and the evaluator, which reduced precision
+the hardware computes natively (``amp="auto"`` considers bf16 only there), and, on a GPU, which of the
+candidates runs the model faster (``amp="auto"`` there times them: bf16 is not always the faster one)."""
 
 from __future__ import annotations
 
 import contextlib
 import platform
+import statistics
+import time
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 
 from engine.errors import ConfigError, param
 
-__all__ = ["AMP_DTYPES", "autocast_context", "make_grad_scaler", "native_precisions", "resolve_amp"]
+__all__ = ["AMP_DTYPES", "autocast_context", "make_grad_scaler", "measure_precisions", "native_precisions",
+           "resolve_amp"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CPU_NATIVE = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
@@ -88,3 +92,41 @@ def resolve_amp(amp: str | None, device: torch.device, log: Callable[[str], None
         log(f"warning: {param('amp', amp)} will likely be slower than full precision on {where}: {why}, "
             f"so {amp} is emulated ({param('amp', 'auto')} picks what is native)")
     return amp
+
+
+def measure_precisions(model: torch.nn.Module, x: Any, y: Any, loss_fn: Callable, device: torch.device,
+                       candidates: tuple[str | None, ...], call: Callable[[torch.nn.Module, Any], Any],
+                       rounds: int = 6, warmup: int = 2) -> dict[str, float]:  # fmt: skip
+    """Milliseconds (median) of one forward and backward of ``(x, y)`` in each of ``candidates`` (``None``:
+    fp32), as cuDNN's benchmark times its algorithms: alternating, after ``warmup`` rounds, the device
+    synchronised around each. ``call(model, x)`` gives the predictions. The model is left as it was:
+    its parameters untouched, its buffers (BatchNorm's statistics) put back, no gradient kept, the random
+    generators (dropout's) as before."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    times: dict[str | None, list[float]] = {c: [] for c in candidates}
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        for r in range(warmup + rounds):
+            for amp in candidates if r % 2 == 0 else tuple(reversed(candidates)):
+                _sync(device)
+                start = time.perf_counter()
+                with autocast_context(device, amp):
+                    loss = loss_fn(call(model, x), y)
+                loss.backward()
+                _sync(device)
+                if r >= warmup:
+                    times[amp].append((time.perf_counter() - start) * 1e3)
+    for weight in model.parameters():
+        weight.grad = None
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    model.train(was_training)
+    return {amp or "fp32": statistics.median(ms) for amp, ms in times.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

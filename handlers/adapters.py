@@ -19,8 +19,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 __all__ = ["add_hparams_fast", "add_image_fast", "add_scalars_fast", "checkpoint_items", "exception_handler_count",
-           "flush_tensorboardx", "load_engine_state", "move_metric_state", "queue_in_thread", "release_workers", "set_checkpoint_items",
-           "stream_progress"]
+           "flush_tensorboardx", "inductor_default_cache", "load_engine_state", "move_metric_state",
+           "queue_in_thread", "release_workers", "set_checkpoint_items", "stream_progress"]
 
 
 def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
@@ -31,6 +31,14 @@ def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
 def set_checkpoint_items(checkpoint: Checkpoint, items: list[Any]) -> None:
     """Replace that list (after a resume, without the files that are gone)."""
     checkpoint._saved = [Checkpoint.Item(priority, filename) for priority, filename in items]
+
+
+def inductor_default_cache() -> str:
+    """The folder Inductor keeps its caches in when ``TORCHINDUCTOR_CACHE_DIR`` is not set (torch writes
+    it into that variable as soon as anything asks: importing torchvision does)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.abspath(default_cache_dir())
 
 
 def load_engine_state(engine: Engine, state: Mapping[str, Any]) -> None:

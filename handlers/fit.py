@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
+import os
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import ignite.distributed as idist
@@ -33,14 +36,16 @@ from engine import (
     create_trainer,
     param,
 )
-from engine.amp import resolve_amp
-from engine.checks import LabelGuard, check_batch, check_first_batches, class_balance, has_batch_norm, unregistered
+from engine.amp import measure_precisions, resolve_amp
+from engine.checks import (LabelGuard, check_batch, check_first_batches, class_balance, has_batch_norm, peek_batch,
+                           unregistered)
 from engine.determinism import deterministic_algorithms
 from engine.device import RunDevice, available_memory, returned_home, send_home
 from engine.device import prepare_batch as default_prepare_batch
 from engine.seeding import SeededDataset
+from engine.trainer import predict
 from engine.stream import StreamLoader, WorkerShardCheck, is_stateful_stream, make_stream_loader
-from handlers.adapters import stream_progress
+from handlers.adapters import inductor_default_cache, stream_progress
 from handlers.console import write_line
 from handlers.data_wait import DataWaitHint
 from handlers.lr_finder import LRFinder
@@ -48,8 +53,8 @@ from handlers.metrics import AccuracyView, SampleCount
 from handlers.run import Run, RunResult, attach_run, check_output_dir, data_order, make_output_dir
 from handlers.validation import Validation
 
-__all__ = ["build_run", "data_route", "fit", "make_loaders", "make_optimizer", "read_into_memory", "run_device",
-           "run_placement"]
+__all__ = ["build_run", "compile_cache", "data_route", "fit", "make_loaders", "make_optimizer", "read_into_memory",
+           "run_device", "run_placement"]
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 
@@ -395,11 +400,17 @@ def build_run(
     classes = check_first_batches(model, {"training": train_loader, "validation": val_loader}, log=write_line,
                                   **checks)  # before any file
     train_prepare, val_prepare = _guarded_labels(place, model, classes, checks)
+    precision_choice = None
+    if settings.amp == "auto" and place.is_cuda and amp == "bf16":  # a GPU: the faster of the two, measured
+        amp, precision_choice = _auto_precision(model, train_loader, settings, place, loss_fn, checks)
     labels = _labels_of(train_loader) if classification and sample_weights is None else None
     imbalanced = class_balance(labels) if labels is not None else None
     if imbalanced is not None:
         write_line(imbalanced)
     train_model = idist.auto_model(model) if world > 1 else model  # DDP: gradients averaged over ranks
+    if settings.compile:
+        write_line(f"torch.compile: its kernels are kept in {compile_cache()} for the next run of this model and "
+                   f"shapes, which starts from them (delete the folder to clear it)")
     run_model = torch.compile(train_model) if settings.compile else train_model
     eval_model = run_model if world == 1 else model  # no collectives in evaluation: shards may differ in size
     finder = None
@@ -447,6 +458,7 @@ def build_run(
                      classification=classification, handlers=handlers, denormalize=denormalize, name=name,
                      device=place,
                      extra_config={"device": str(device), "precision": amp or "fp32",
+                                   **({"precision_choice": precision_choice} if precision_choice else {}),
                                     **({"train_transform": repr(train_transform)} if train_transform else {}),
                                     **({"pair_transform": repr(pair_transform)} if pair_transform else {}),
                                     **({"lr_finder": {"suggestion": finder.suggestion, "range": list(finder.tried)}}
@@ -518,6 +530,49 @@ def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None =
     """
     with returned_home(model, options.get("optimizer")):  # the model goes back where it came from
         return build_run(model, train, val, settings, **options).run()
+
+
+def _auto_precision(model: nn.Module, loader: Any, settings: RunSettings, place: RunDevice, loss_fn: Callable,
+                    checks: Mapping[str, Any]) -> tuple[str | None, dict[str, Any] | None]:  # fmt: skip
+    """``amp="auto"`` on a GPU: bf16 or fp32, whichever runs a step of this model on one of its training
+    batches faster (:func:`engine.amp.measure_precisions`; every process decides alike). A resumed run
+    keeps the precision it started with (its ``config.json``); a stream, which cannot be read ahead, bf16."""
+    earlier = Path(settings.output_dir or "") / "config.json"
+    if settings.resume is not None and settings.output_dir and earlier.is_file():
+        kept = json.loads(earlier.read_text()).get("precision")
+        if kept in ("bf16", "fp32"):
+            return (None if kept == "fp32" else kept), None
+    batch = peek_batch(loader, max(1, settings.batch_size // idist.get_world_size()))
+    if batch is None:
+        return "bf16", None
+    x, y = checks["prepare_batch"](batch, place.device, False)
+    if settings.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    timings = measure_precisions(model, x, y, loss_fn, place.device, (None, "bf16"),
+                                 lambda m, inputs: predict(m, inputs, checks["model_transform"], checks["model_fn"]))
+    if idist.get_world_size() > 1:  # one decision for every process: the sums of their timings
+        summed = idist.all_reduce(torch.tensor([timings["fp32"], timings["bf16"]], dtype=torch.float64))
+        timings = {"fp32": float(summed[0]), "bf16": float(summed[1])}
+    chosen = "bf16" if timings["bf16"] < timings["fp32"] else None
+    write_line(f"{param('amp', 'auto')}: {chosen or 'fp32'}, the faster for this model on "
+               f"{torch.cuda.get_device_name(place.device)} (a step: {timings['fp32']:.2f} ms in fp32, "
+               f"{timings['bf16']:.2f} ms in bf16)")
+    return chosen, {"fp32_ms": round(timings["fp32"], 3), "bf16_ms": round(timings["bf16"], 3),
+                    "chose": chosen or "fp32"}
+
+
+def compile_cache() -> Path:
+    """Where ``torch.compile`` keeps what it compiled (Inductor's on-disk caches: graphs, kernels,
+    autotuning), so that a second run of the same model and shapes reuses it: ``$TORCHINDUCTOR_CACHE_DIR``
+    if you set it, else ``$XDG_CACHE_HOME/ignite-trainer/compile`` (``~/.cache/...``, not a temporary folder
+    that a reboot empties), set for this process."""
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given and os.path.abspath(given) != inductor_default_cache():
+        return Path(given)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "ignite-trainer" / "compile"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
 
 
 def _guarded_labels(place: RunDevice, model: nn.Module, classes: int | None,

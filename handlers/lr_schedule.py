@@ -89,7 +89,8 @@ class LRSchedule:
         if name == "step":
             size = (step_epochs or max(1, epochs // 3)) * epoch_length
             steps = range(0, total - warm, size)  # piecewise constant: adjacent milestones make the jumps
-            points = [pt for k, start in enumerate(steps) for pt in ((start, lr * gamma**k), (start + size - 1, lr * gamma**k))]
+            points = [pt for k, start in enumerate(steps)
+                      for pt in ((start, lr * gamma**k), (start + size - 1, lr * gamma**k))]
             main = PiecewiseLinear(optimizer, "lr", points)
         elif name == "cosine":
             main = CosineAnnealingScheduler(optimizer, "lr", lr, lr / 1e3, cycle_size=max(2, total - warm + 1))

@@ -243,7 +243,8 @@ def test_two_simulated_nodes_equal_one_node_with_two_processes(uninterrupted, mn
 def test_spawned_run_with_a_killed_worker_stops_with_one_line_and_resumes_exactly(uninterrupted, mnist_root,
                                                                                   tmp_path):
     # the killed run spawned (as on a GPU machine, or as a program may ask), its resume started the
-    # default way: forked on Linux for a run on the CPU, whose processes see no GPU (each way works with the other's files)
+    # default way: forked on Linux for a run on the CPU, whose processes see no GPU (each way works with the
+    # other's files)
     out = tmp_path / "spawned"
     cmd = [sys.executable, *starting("spawn"), str(SCRIPT), *RECIPES["memory"], *FT, "--nproc-per-node", "2",
            "--output-dir", str(out), "--data-dir", str(mnist_root)]

@@ -233,7 +233,8 @@ def test_the_history_is_the_same_to_the_bit_whatever_prints_it_and_how_often(tmp
         seed_everything(0)
         settings = RunSettings(output_dir=str(tmp_path / f"e{every}"), epochs=2, batch_size=16, lr=1e-2,
                                log_every=every, progress=bar, tensorboard=False)
+        result = fit(torch.nn.Linear(10, 3), (x[:1000], y[:1000]), (x[1000:], y[1000:]), settings)
         rows[every] = [{k: v for k, v in r.items() if k not in ("epoch_seconds", "samples_per_second")}
-                       for r in fit(torch.nn.Linear(10, 3), (x[:1000], y[:1000]), (x[1000:], y[1000:]), settings).history]
+                       for r in result.history]
     assert rows[1] == rows[20] == rows[50] == rows[0]
     assert rows[0][0]["train_loss"] != rows[0][1]["train_loss"]  # (figures that moved)

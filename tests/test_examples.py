@@ -54,7 +54,8 @@ def test_the_readme_text_example_is_the_script_and_trains_as_written(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((tmp_path / "r" / "history.json").read_text())
     assert len(rows) == 5 and rows[-1]["val_accuracy"] > 0.9
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["model_summary"]["input_shape"]["input_ids"][0] == 64
+    summary = json.loads((tmp_path / "r" / "config.json").read_text())["model_summary"]
+    assert summary["input_shape"]["input_ids"][0] == 64
 
 
 def test_the_readme_program_runs_as_written(tmp_path):

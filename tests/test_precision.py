@@ -45,3 +45,24 @@ def test_a_native_precision_runs_without_a_word(monkeypatch):
 def test_this_machines_flags_are_read():
     model, flags = amp_module.cpu_flags()
     assert isinstance(model, str) and isinstance(flags, set)
+
+
+def test_timing_the_precisions_leaves_the_model_its_statistics_and_the_generators_as_they_were():
+    import torch
+    from torch import nn
+
+    from engine.amp import measure_precisions
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5),
+                          nn.Linear(8 * 6 * 6, 4)).eval()  # fmt: skip
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    timings = measure_precisions(model, x, y, nn.CrossEntropyLoss(), torch.device("cpu"), (None, "bf16"),
+                                 lambda m, inputs: m(inputs), rounds=3, warmup=1)
+    assert set(timings) == {"fp32", "bf16"} and all(ms > 0 for ms in timings.values())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm's running statistics
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout's draws put back

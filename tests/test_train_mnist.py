@@ -71,8 +71,8 @@ def test_seed_preset_150_batches_reach_96_percent(mnist_root, tmp_path):
     row = rows[0]
     assert {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_samples", "lr",
             "epoch_seconds"} <= set(row)
-    # 96% after 150 batches is one draw of the seed's dropout masks and one machine's arithmetic: on a GPU the masks come
-    # from CUDA's generator and the convolutions run in TF32 (H200: 95.83%), so the bar there is half a point lower
+    # 96% after 150 batches is one draw of the seed's dropout masks and one machine's arithmetic: on a GPU the masks
+    # come from CUDA's generator and the convolutions run in TF32 (H200: 95.83%), so the bar there is half a point lower
     floor = 0.955 if json.loads((out / "config.json").read_text())["device"].startswith("cuda") else 0.96
     assert row["val_accuracy"] >= floor and row["val_samples"] == 10000 and row["lr"] == 1e-3
     assert f"Val Accuracy: {row['val_accuracy'] * 100:.2f}%" in val[0]

@@ -57,20 +57,22 @@ RECIPES = {  # the presets of examples/train_mnist.py; full precision on both si
 MODELS = {"default": mnist_cnn, "seed": seed_cnn}
 
 
-def recipe_settings(recipe: str, epochs: int, limit: int | None, out: str | None = None) -> RunSettings:
+def recipe_settings(recipe: str, epochs: int, limit: int | None, out: str | None = None, device: str = "cpu",
+                    amp: str = "fp32", deterministic: bool = False) -> RunSettings:  # fmt: skip
     """The recipe's settings, every default handler on."""
-    return RunSettings(output_dir=out, epochs=epochs, progress=False, seed=0, amp="fp32", limit_train_batches=limit,
-                       **RECIPES[recipe])
+    return RunSettings(output_dir=out, epochs=epochs, progress=False, seed=0, amp=amp, limit_train_batches=limit,
+                       device=device, deterministic=deterministic, **RECIPES[recipe])
 
 
 class EngineRun:
     """The library's run (``handlers.build_run``, as ``fit`` builds it) on a recipe."""
 
-    def __init__(self, recipe: str, data: list, epochs: int, limit: int | None, out: str, segment: int) -> None:
+    def __init__(self, recipe: str, data: list, epochs: int, limit: int | None, out: str, segment: int,
+                 **options: object) -> None:  # fmt: skip
         seed_everything(0)
         with quiet():
-            self.run = build_run(MODELS[recipe](), data[0], data[1], recipe_settings(recipe, epochs, limit, out),
-                                 name="bench")
+            self.run = build_run(MODELS[recipe](), data[0], data[1],
+                                 recipe_settings(recipe, epochs, limit, out, **options), name="bench")
         self.run.trainer.add_event_handler(Events.ITERATION_COMPLETED(every=segment), lambda e: e.interrupt())
         self.run.trainer.add_event_handler(Events.COMPLETED, self._completed)
         self.completed = self.done = False
@@ -87,15 +89,19 @@ class EngineRun:
                 self.done = True
 
 
-def raw_loop(recipe: str, data: list, epochs: int, limit: int | None, segment: int) -> Iterator[None]:
-    """The same training, written by hand (the seed's loop for ``seed``); pauses every ``segment`` iterations."""
+def raw_loop(recipe: str, data: list, epochs: int, limit: int | None, segment: int, device: str = "cpu",
+             amp: str = "fp32") -> Iterator[None]:  # fmt: skip
+    """The same training, written by hand (the seed's loop for ``seed``); pauses every ``segment`` iterations.
+    On ``device`` (the data too, on the in-memory path), in ``amp`` (``"bf16"``: autocast, as the engine's)."""
     with quiet():
         settings = recipe_settings(recipe, epochs, limit)
         torch.manual_seed(settings.seed)
-        train_loader, val_loader = make_loaders(data[0], data[1], settings, torch.device("cpu"))
-        model = MODELS[recipe]()
+        where = torch.device(device)
+        train_loader, val_loader = make_loaders(data[0], data[1], settings, where)
+        model = MODELS[recipe]().to(where)
         fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
         model = model.to(memory_format=fmt)
+        precision = torch.autocast(where.type, dtype=torch.bfloat16, enabled=amp == "bf16")
         optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(settings.beta1, settings.beta2))
         criterion = nn.CrossEntropyLoss()  # what both report: the plain cross-entropy
         train_criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
@@ -107,22 +113,24 @@ def raw_loop(recipe: str, data: list, epochs: int, limit: int | None, segment: i
     step = 0
     for epoch in range(1, settings.epochs + 1):
         model.train()
-        loss_sum, correct, seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+        loss_sum, correct, seen = torch.zeros((), device=where), torch.zeros((), dtype=torch.long, device=where), 0
         for batch, (x, y) in enumerate(train_loader, 1):
             if onecycle:
                 optimizer.param_groups[0]["lr"] = lrs[step]
             step += 1
+            x, y = x.to(where, non_blocking=True), y.to(where, non_blocking=True)
             x = x.contiguous(memory_format=fmt)
             optimizer.zero_grad(set_to_none=True)
-            out = model(x)
-            loss = train_criterion(out, y)
+            with precision:
+                out = model(x)
+                loss = train_criterion(out, y)
             loss.backward()
             optimizer.step()
             if seed_loop:  # the seed's loop: a Python float every batch
                 loss_sum += loss.item() * y.shape[0]
             elif settings.label_smoothing:  # the engine reports the plain cross-entropy of the logits
                 with torch.no_grad():
-                    loss_sum += criterion(out, y) * y.shape[0]
+                    loss_sum += criterion(out.float(), y) * y.shape[0]
             else:
                 loss_sum += loss.detach() * y.shape[0]
             correct += (out.detach().argmax(1) == y).sum()
@@ -135,8 +143,9 @@ def raw_loop(recipe: str, data: list, epochs: int, limit: int | None, segment: i
         _ = f"Epoch {epoch}, Train Loss: {loss_sum.item() / seen:.4f}, Train Accuracy: {correct.item() / seen:.2%}"
         model.eval()
         val_loss, val_correct, val_seen = 0.0, 0, 0
-        with torch.no_grad():
+        with torch.no_grad(), precision:
             for x, y in val_loader:
+                x, y = x.to(where, non_blocking=True), y.to(where, non_blocking=True)
                 out = model(x.contiguous(memory_format=fmt)).float()
                 val_loss += criterion(out, y).item() * y.shape[0]
                 val_correct += (out.argmax(1) == y).sum().item()

@@ -13,7 +13,8 @@ from engine.errors import ConfigError, param
 __all__ = ["RECORDED_KEYS", "load_config", "settings_in_config"]
 
 # what a run writes into config.json besides its settings: records of the run, not settings to replay
-RECORDED_KEYS = frozenset({"world_size", "resumed_from", "precision", "train_transform", "model_summary", "lr_finder"})
+RECORDED_KEYS = frozenset({"world_size", "resumed_from", "precision", "precision_choice", "train_transform",
+                           "model_summary", "lr_finder"})
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

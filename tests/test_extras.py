@@ -152,7 +152,7 @@ def test_the_model_summary_counts_the_parameters(tmp_path, capsys):
 def test_a_run_replayed_from_its_config_json_ends_bit_for_bit_equal(mnist_root, tmp_path):
     first = tmp_path / "first"
     args = ["--limit-train-batches", "20", "--limit-val-batches", "1", "--epochs", "2", "--no-progress", "--seed", "7",
-            "--lr", "0.004"]
+            "--lr", "0.004", "--deterministic"]  # (bit for bit on a GPU too: the replay takes it from config.json)
     assert run_main(*args, "--output-dir", str(first), mnist=mnist_root).returncode == 0  # the replay: a process
     again = tmp_path / "again"
     proc = run_script("--config", str(first / "config.json"), "--output-dir", str(again), "--no-progress", mnist=None)

@@ -35,7 +35,8 @@ pytestmark = pytest.mark.slow
 def test_stop_signal_saves_mid_epoch_and_resume_is_bit_exact(mnist_root, tmp_path, preset, data_path, workers, sig,
                                                              expected):
     args = [*QUICK, "--epochs", "2", "--data-path", data_path, "--num-workers", str(workers), "--seed", "5",
-            "--preset", preset, "--val-every", "2"]  # one validation per run: the test is about training
+            "--preset", preset, "--val-every", "2",  # one validation per run: the test is about training
+            "--deterministic"]  # (a no-op on a CPU; on a GPU what makes the resume bit-exact)
     straight = tmp_path / "straight"  # the reference in-process; the stopped run and its resume: processes
     assert run_main(*args, "--output-dir", str(straight), mnist=mnist_root).returncode == 0
     stopped = tmp_path / "stopped"
@@ -53,7 +54,7 @@ def test_stop_signal_saves_mid_epoch_and_resume_is_bit_exact(mnist_root, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-EVERY_7 = [*QUICK, "--epochs", "2", "--save-every-iters", "7", "--seed", "1"]
+EVERY_7 = [*QUICK, "--epochs", "2", "--save-every-iters", "7", "--seed", "1", "--deterministic"]  # bit-exact on a GPU
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ class MisclassifiedCollector:
             raise ValueError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}")
         if not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
-        self.given_classes = num_classes
         self.num_classes = num_classes
         self.limit = limit
         self.view = view  # (y_pred, y) -> (y_pred, labels): soft labels by their most likely class

@@ -18,8 +18,7 @@ from torch import nn
 from engine.errors import ConfigError, param
 
 __all__ = ["RunDevice", "available_memory", "check_processes", "keep_off_gpus", "model_device", "move_batch",
-           "prepare_batch", "resolve_device", "returned_home", "send_home", "split_batch", "tensors_in", "to_device",
-           "to_host"]
+           "prepare_batch", "resolve_device", "returned_home", "send_home", "split_batch", "tensors_in", "to_device"]
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -88,10 +87,9 @@ def keep_off_gpus() -> bool:
 class RunDevice:
     """The one owner of where a run's tensors live: decided once per process by :meth:`of`.
 
-    ``device`` is where the model, the batches and the metrics' sums are; ``pin_memory`` and
-    ``non_blocking`` say how loaders copy batches there; ``backend`` is the process group's (NCCL
-    on CUDA, gloo elsewhere); ``generator_device`` is the device whose random generator the run
-    draws from besides the CPU's (its state goes into checkpoints), ``None`` off CUDA.
+    ``device`` is where the model, the batches and the metrics' sums are; ``backend`` is the process
+    group's (NCCL on CUDA, gloo elsewhere); ``generator_device`` is the device whose random generator
+    the run draws from besides the CPU's (its state goes into checkpoints), ``None`` off CUDA.
     """
 
     device: torch.device
@@ -119,14 +117,6 @@ class RunDevice:
         return self.device.type == "cuda"
 
     @property
-    def pin_memory(self) -> bool:
-        return self.is_cuda
-
-    @property
-    def non_blocking(self) -> bool:
-        return self.is_cuda
-
-    @property
     def backend(self) -> str:
         return "nccl" if self.is_cuda else "gloo"
 
@@ -146,25 +136,6 @@ class RunDevice:
         if self.is_cuda:
             torch.cuda.set_device(self.device)
         return self
-
-    def to(self, data: Any) -> Any:
-        """``data`` (tensors nested in dicts, lists, tuples) on the run's device."""
-        return to_device(data, self.device, self.non_blocking)
-
-    def __str__(self) -> str:
-        return str(self.device)
-
-
-def to_host(data: Any) -> Any:
-    """``data`` (tensors nested in dicts, lists, tuples) detached, on the CPU: what NumPy, Pillow and
-    Python numbers are made from."""
-    if isinstance(data, torch.Tensor):
-        return data.detach().cpu()
-    if isinstance(data, Mapping):
-        return {k: to_host(v) for k, v in data.items()}
-    if isinstance(data, (tuple, list)):
-        return type(data)(to_host(v) for v in data)
-    return data
 
 
 def model_device(model: nn.Module) -> torch.device:

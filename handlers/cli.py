@@ -35,7 +35,7 @@ from engine.device import RunDevice, check_processes, keep_off_gpus, resolve_dev
 from engine.errors import EXIT_PEER, EXIT_SAVE, EXIT_USAGE, CheckpointSaveError, ConfigError, flag_names, param
 from engine.settings import OPTIMIZERS, SCHEDULERS, RunSettings
 from handlers.config_file import load_config, settings_in_config
-from handlers.console import quiet_ignite
+from handlers.console import flush_output, quiet_ignite
 from handlers.rng import seed_everything
 from handlers.run import RunResult
 from handlers.signals import LastLines, StopSignal
@@ -422,9 +422,5 @@ def exit_process(code: int) -> NoReturn:
     gc.collect()
     atexit._run_exitfuncs()
     code = _with_late_signal(code)  # a signal during the teardown (answered by main's handlers) counts too
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said there
-            pass
+    flush_output()
     os._exit(code)

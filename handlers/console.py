@@ -14,7 +14,7 @@ from engine.epoch import batch_in_epoch
 from handlers.metrics import TrainMetrics
 from handlers.ordering import Stage, attach_ordered
 
-__all__ = ["ConsoleLogger", "quiet_ignite", "write_line"]
+__all__ = ["ConsoleLogger", "flush_output", "quiet_ignite", "write_line"]
 
 
 def quiet_ignite() -> None:
@@ -37,6 +37,15 @@ _IGNITE_CONSOLE_LOGGERS = ("ignite.handlers.early_stopping.EarlyStopping",
                            "ignite.handlers.terminate_on_nan.TerminateOnNan",
                            "ignite.handlers.time_limit.TimeLimit",
                            "ignite.distributed.launcher.Parallel", "ignite.distributed.auto.auto_model")
+
+
+def flush_output() -> None:
+    """Standard output and error flushed, before the process ends without Python's own teardown."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said there
+            pass
 
 
 def write_line(message: str) -> None:

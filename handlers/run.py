@@ -419,8 +419,8 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
     run.early_stopping = EarlyStopping(patience=s.patience, min_delta=s.min_delta, warmup=s.early_stop_warmup,
                                        metric=run.monitor, mode=run.mode, log=write_line).attach(trainer)
     # on a GPU the loss is read at the console's cadence, not every iteration (each read waits for the step)
-    check_every = (s.log_every or 50) if run.device.defer_reads else 1
-    run.nan_guard = NanGuard(log=write_line, check_every=check_every, data=run.train_loader).attach(trainer)
+    read_every = (s.log_every or 50) if run.device.defer_reads else None
+    run.nan_guard = NanGuard(log=write_line, check_every=read_every or 1, data=run.train_loader).attach(trainer)
     run.to_save = {**to_save, "trainer": trainer, "lr_schedule": run.lr_schedule, "early_stopping": run.early_stopping,
                    "history": run.history, "train_metrics": run.train_metrics,
                    # Ignite's metrics keep their sums per rank themselves
@@ -441,7 +441,7 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
     run.stop = GracefulStop(run.checkpoint, log=write_line).attach(trainer)
     ConsoleLogger(run.train_metrics, log_every=s.log_every).attach(trainer)
     if progress_wanted(not s.progress):
-        Progress(loss_every=(s.log_every or 50) if run.device.defer_reads else None).attach(trainer, evaluator)
+        Progress(loss_every=read_every).attach(trainer, evaluator)
 
 
 def _epoch_length(run: Run) -> int | None:

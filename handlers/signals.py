@@ -15,6 +15,7 @@ from engine import distributed
 from engine.errors import param
 from handlers.adapters import exception_handler_count
 from handlers.checkpoint import TrainingCheckpoint
+from handlers.console import flush_output
 
 __all__ = ["GracefulStop", "LastLines", "StopSignal"]
 
@@ -127,7 +128,7 @@ class GracefulStop:
             if self.count >= 3:
                 self.log(f"Received {name} a third time: quitting at once; {self._kept()} (the file being written, "
                          f"if any, is left out)")
-                _flush()
+                flush_output()
                 os._exit(128 + self.received)
             self.log(f"Received {name} again: the run stops once its checkpoint is written (send it a third time to "
                      f"quit at once; {self._kept()})")
@@ -161,14 +162,6 @@ class GracefulStop:
 _state: dict[str, GracefulStop | None] = {"run": None, "ended": None}  # this process's run, and the last one
 
 
-def _flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-
-
 class StopSignal(KeyboardInterrupt):
     """A stop signal before any run of this process had started (nothing of it to save)."""
 
@@ -198,10 +191,6 @@ class LastLines:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-    @property
-    def last_run(self) -> GracefulStop | None:
-        return _state.get("ended")
 
     def _handle(self, signum: int, frame: object) -> None:
         ended = _state.get("ended")

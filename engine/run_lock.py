@@ -1,9 +1,13 @@
-"""One run per output directory: an advisory lock that the kernel drops when the run's process dies."""
+"""One run per output directory: an advisory lock that the kernel drops when the run's process dies.
+
+POSIX systems lock with ``fcntl.flock``; Windows with ``msvcrt.locking`` on the file's first byte
+(also dropped by the system when the process ends); a system with neither runs unlocked, and says
+so once."""
 
 from __future__ import annotations
 
-import fcntl
 import os
+import warnings
 from pathlib import Path
 
 from engine.errors import ConfigError, param
@@ -11,6 +15,41 @@ from engine.errors import ConfigError, param
 __all__ = ["RunLock"]
 
 _held: set[int] = set()  # descriptors of the locks this process holds
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+try:
+    import msvcrt
+except ImportError:  # POSIX
+    msvcrt = None  # type: ignore[assignment]
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the lock on ``fd`` without waiting: ``False`` when another process holds it."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+    elif msvcrt is not None:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:  # EACCES / EDEADLOCK: another process holds the byte
+            return False
+    else:
+        warnings.warn("this system has neither fcntl nor msvcrt: the output dir is not locked, so two runs "
+                      "could write into one folder", RuntimeWarning, stacklevel=3)
+    return True
+
+
+def _unlock(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    elif msvcrt is not None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 
 def _let_go_in_child() -> None:
@@ -31,7 +70,7 @@ if hasattr(os, "register_at_fork"):
 
 
 class RunLock:
-    """Hold ``<directory>/.lock`` (``flock``) for the life of a run.
+    """Hold ``<directory>/.lock`` (``flock``; on Windows ``msvcrt.locking``) for the life of a run.
 
     A second process asking for the same directory is refused with a clear error; a run killed
     with SIGKILL leaves no stuck lock, since the kernel releases ``flock`` locks with the process:
@@ -45,10 +84,11 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        if not _try_lock(fd):
+            try:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            except OSError:  # Windows: the locked byte cannot be read
+                holder = "unknown"
             os.close(fd)
             raise ConfigError(
                 f"output dir {self.path.parent} is in use by another run (pid {holder}): wait for it to end, "
@@ -63,7 +103,7 @@ class RunLock:
     def release(self) -> None:
         if self._fd is not None:
             _held.discard(self._fd)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            _unlock(self._fd)
             os.close(self._fd)
             self._fd = None
 

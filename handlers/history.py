@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -13,26 +10,10 @@ from typing import Any, Callable, Mapping
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
+from engine.files import write_json_atomic
 from handlers.ordering import Stage, attach_ordered
 
 __all__ = ["History", "write_json_atomic"]
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` through a temp file and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _plain(value: Any) -> Any:

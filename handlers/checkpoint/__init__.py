@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -23,6 +21,7 @@ from torch import nn
 
 from engine.epoch import mid_epoch
 from engine.errors import CheckpointSaveError
+from engine.files import atomic_file, fsync_dir
 from handlers.adapters import checkpoint_items, set_checkpoint_items
 from handlers.checkpoint.loading import (
     FORMAT,
@@ -50,19 +49,6 @@ __all__ = [
 
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _crc32_on() -> Iterator[None]:
     """torch's zip writer stores a CRC-32 per record unless switched off globally: our files always have them."""
@@ -87,20 +73,9 @@ class SafeDiskSaver(DiskSaver):
         self._pending_removals: list[str] = []
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".pt.part", dir=self.dirname)
-        try:
-            with os.fdopen(fd, "wb") as f, _crc32_on():
-                func(checkpoint, f, **self.kwargs)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            try:
-                os.remove(tmp_name)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(Path(self.dirname))
+        with atomic_file(path, "wb", suffix=".pt.part", durable=True) as f, _crc32_on():
+            func(checkpoint, f, **self.kwargs)
+        fsync_dir(Path(self.dirname))
         for name in self._pending_removals:
             try:
                 (Path(self.dirname) / name).unlink()

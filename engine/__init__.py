@@ -6,9 +6,10 @@ from engine.imports import frozen_imports
 
 with frozen_imports():  # torch and Ignite come in here: ~0.7 s less of the collector per process
     from engine.amp import autocast_context, make_grad_scaler
+    from engine.batch import ModelCalls, move_batch
     from engine.data import InMemoryLoader
     from engine.datasets import check_classification_data, load_dataset
-    from engine.device import move_batch, resolve_device
+    from engine.device import resolve_device
     from engine.errors import (
         EXIT_NAN,
         EXIT_OK,
@@ -20,10 +21,10 @@ with frozen_imports():  # torch and Ignite come in here: ~0.7 s less of the coll
         flag_names,
         param,
     )
+    from engine.evaluator import create_evaluator, default_metrics
     from engine.run_lock import RunLock
     from engine.sampler import ResumableRandomSampler
     from engine.settings import RunSettings
-    from engine.evaluator import create_evaluator, default_metrics
     from engine.trainer import TrainStep, create_trainer
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "CheckpointSaveError",
     "ConfigError",
     "InMemoryLoader",
+    "ModelCalls",
     "ResumableRandomSampler",
     "RunLock",
     "RunSettings",

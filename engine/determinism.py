@@ -13,7 +13,6 @@ import os
 from typing import Callable, Iterator
 
 import torch
-
 from torch.nn import functional as F
 
 from engine.errors import ConfigError, param

@@ -1,4 +1,4 @@
-"""Where a run's tensors live, decided once (:class:`RunDevice`), and moving batches onto it.
+"""Where a run's tensors live, decided once per process (:func:`process_device`), and the model moved there.
 
 Every path of a run (loaders, checks, metrics, images, the LR finder, EMA, evaluate, predict,
 checkpoints, the RNG state) asks the run's :class:`RunDevice` instead of guessing from what CUDA
@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
 
+import ignite.distributed as idist
 import torch
 from torch import nn
 
 from engine.errors import ConfigError, param
 
-__all__ = ["RunDevice", "available_memory", "check_processes", "keep_off_gpus", "model_device", "move_batch",
-           "prepare_batch", "resolve_device", "returned_home", "send_home", "split_batch", "tensors_in", "to_device"]
+__all__ = ["RunDevice", "available_memory", "check_processes", "keep_off_gpus", "model_device", "process_backend",
+           "process_device", "resolve_device", "returned_home", "send_home"]
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -138,6 +139,25 @@ class RunDevice:
         return self
 
 
+def process_device(name: str | torch.device | None = "auto") -> RunDevice:
+    """This process's :class:`RunDevice`, made current: the one builder every caller uses (the run, the
+    launcher before its process group forms, ``attach_run`` given none). In a distributed run on CUDA
+    it is the GPU of this process's local rank, read from the process group once it is formed, else from
+    the launcher's environment (``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``: torchrun's, and ``--nproc-per-node``'s)."""
+    if idist.get_world_size() > 1:
+        local_rank, local_world_size = idist.get_local_rank(), idist.get_nproc_per_node()
+    else:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return RunDevice.of(name, local_rank=local_rank, local_world_size=local_world_size).activate()
+
+
+def process_backend(name: str | torch.device | None = "auto") -> str:
+    """The process group's backend for a run on ``name`` (NCCL on CUDA, gloo elsewhere), decided without
+    starting CUDA here: a parent about to fork its ranks must not."""
+    return "nccl" if resolve_device(name).type == "cuda" else "gloo"
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where ``model`` is: its first parameter's (or buffer's) device; the CPU for a model with neither."""
     for tensor in (*model.parameters(), *model.buffers()):
@@ -166,61 +186,6 @@ def returned_home(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         send_home(model, optimizer, home)
 
 
-TARGET_KEYS = ("label", "labels", "target", "targets", "y")
-
-
-def tensors_in(value: Any) -> list[torch.Tensor]:
-    """The tensors in ``value``: itself, or those nested in its dicts, lists and tuples."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in tensors_in(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in tensors_in(v)]
-    return []
-
-
-def to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """``data`` on ``device``: a tensor, or tensors nested in dicts, lists and tuples (Ignite's
-    ``convert_tensor``); a tensor already there is returned as is."""
-    if isinstance(data, torch.Tensor):
-        return data if data.device == device else data.to(device, non_blocking=non_blocking)
-    from ignite.utils import convert_tensor
-
-    return convert_tensor(data, device=device, non_blocking=non_blocking)
-
-
-def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of a batch: a pair, or a dict with one target key (``label``, ``labels``,
-    ``target``, ``targets``, ``y``): the inputs are then the one other key (``{"image", "label"}``) or
-    the dict of all the others (``{"input_ids", "attention_mask", "labels"}``: the model takes a dict)."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    if isinstance(batch, Mapping):
-        targets = [k for k in TARGET_KEYS if k in batch]
-        rest = [k for k in batch if k not in targets]
-        if len(targets) == 1 and rest:
-            if len(rest) == 1:
-                return batch[rest[0]], batch[targets[0]]
-            return {k: batch[k] for k in rest}, batch[targets[0]]
-        raise ConfigError(f"a batch is a dict with keys {', '.join(map(str, batch))}: name the target "
-                          f"{'/'.join(TARGET_KEYS)}, or pass prepare_batch=fn(batch, device, non_blocking) -> "
-                          f"(inputs, targets)")
-    what = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
-    raise ConfigError(f"a batch must be (inputs, targets) or a dict with a target key, got {what}: pass "
-                      f"prepare_batch=fn(batch, device, non_blocking) -> (inputs, targets)")
-
-
-def prepare_batch(batch: Any, device: torch.device, non_blocking: bool = False) -> tuple[Any, Any]:
-    """The default ``prepare_batch`` (Ignite's name and signature): :func:`split_batch`, then both
-    parts on ``device``."""
-    x, y = split_batch(batch)
-    return to_device(x, device, non_blocking), to_device(y, device, non_blocking)
-
-
-move_batch = prepare_batch  # its name before batches of other shapes
-
-
 def available_memory(device: torch.device) -> int:
     """Bytes free for new tensors on ``device``: the GPU's free memory, else the machine's available RAM
     (``MemAvailable`` on Linux; elsewhere free pages)."""
@@ -233,8 +198,6 @@ def available_memory(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

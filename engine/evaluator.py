@@ -10,7 +10,7 @@ from ignite.metrics import Accuracy, Loss, Metric
 from torch import nn
 
 from engine.amp import autocast_context
-from engine.device import prepare_batch as default_prepare_batch
+from engine.batch import prepare_batch as default_prepare_batch
 from engine.device import resolve_device
 from engine.trainer import predict
 

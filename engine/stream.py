@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch.utils.data import IterableDataset
 
-from engine.device import tensors_in
+from engine.batch import tensors_in
 from engine.errors import ConfigError, param
 
 __all__ = ["StreamLoader", "WorkerShardCheck", "is_stateful_stream", "make_stream_loader", "sharded_batches"]

@@ -9,7 +9,7 @@ from ignite.engine import Engine
 from torch import nn
 
 from engine.amp import autocast_context, make_grad_scaler
-from engine.device import prepare_batch as default_prepare_batch
+from engine.batch import prepare_batch as default_prepare_batch
 from engine.device import resolve_device
 from engine.errors import ConfigError
 from engine.seeding import batch_generator, mix_seed, seeded_globals

@@ -4,6 +4,8 @@ and the run that attaches them all: :func:`fit`, :func:`attach_run`, and the com
 from engine.imports import frozen_imports
 
 with frozen_imports():  # torch and Ignite come in here: ~0.7 s less of the collector per process
+    from engine.files import write_json_atomic
+    from handlers.attach import attach_run
     from handlers.checkpoint import (
         SafeDiskSaver,
         TrainingCheckpoint,
@@ -15,19 +17,20 @@ with frozen_imports():  # torch and Ignite come in here: ~0.7 s less of the coll
     )
     from handlers.console import ConsoleLogger, write_line
     from handlers.early_stopping import EarlyStopping
-    from handlers.history import History, write_json_atomic
+    from handlers.evaluate import evaluate, predict
+    from handlers.fit import build_run, fit, make_optimizer
+    from handlers.history import History
+    from handlers.loaders import make_loaders
     from handlers.lr_schedule import LRSchedule
     from handlers.metrics import SampleCount, TrainMetrics
     from handlers.nan_guard import NanGuard
-    from handlers.progress import Progress, progress_wanted
-    from handlers.tensorboard import MisclassifiedCollector, TensorBoardLogging
     from handlers.ordering import Stage, attach_ordered, ordered_handlers
-    from handlers.signals import GracefulStop
+    from handlers.progress import Progress, progress_wanted
     from handlers.rng import RNGState, seed_everything
+    from handlers.run import Run, RunResult
+    from handlers.signals import GracefulStop
+    from handlers.tensorboard import MisclassifiedCollector, TensorBoardLogging
     from handlers.validation import Validation
-    from handlers.run import Run, RunResult, attach_run
-    from handlers.fit import build_run, fit, make_loaders, make_optimizer
-    from handlers.evaluate import evaluate, predict
 
 __all__ = [
     "ConsoleLogger",

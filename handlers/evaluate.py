@@ -3,27 +3,28 @@ data (:func:`predict`), from a checkpoint if given, the data taken as :func:`fit
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Events
-from ignite.metrics import Accuracy, Loss, Metric
+from ignite.metrics import Metric
 from torch import nn
 
 from engine.amp import resolve_amp
-from engine.checks import check_first_batches, input_mismatch
+from engine.batch import ModelCalls, split_batch, to_device
+from engine.checks import BatchCheck, input_mismatch
 from engine.determinism import deterministic_algorithms
-from engine.device import prepare_batch as default_prepare_batch
-from engine.device import returned_home, split_batch, to_device
+from engine.device import process_device, returned_home
 from engine.errors import ConfigError
 from engine.evaluator import create_evaluator
 from engine.settings import RunSettings
 from handlers.checkpoint import load_checkpoint
 from handlers.console import quiet_ignite, write_line
-from handlers.fit import Data, eval_loader, run_device
-from handlers.metrics import AccuracyView, SampleCount
+from handlers.loaders import Data, eval_loader
+from handlers.metrics import AccuracyView, validation_metrics
 
 __all__ = ["evaluate", "predict"]
 
@@ -42,7 +43,7 @@ def _ready(model: nn.Module, settings: RunSettings | None, checkpoint: str | Pat
             first = str(exc).strip().splitlines()[0]
             raise ConfigError(f"checkpoint {checkpoint} holds another model's weights ({first}): build the model "
                               f"as the run that saved it did") from exc
-    device = run_device(settings)
+    device = process_device(settings.device).device
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -80,27 +81,14 @@ def evaluate(
         loader = eval_loader(data, settings, device, collate_fn)
         if loss_fn is None:
             loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()
-        calls = dict(prepare_batch=prepare_batch, model_fn=model_fn, model_transform=model_transform)
-        check_first_batches(model, {"test": loader}, **{**calls, "prepare_batch": prepare_batch or
-                                                         default_prepare_batch},
-                            loss_fn=loss_fn, classification=classification, device=device, amp=amp)  # fmt: skip
-        return _scores(model, loader, settings, device, amp, loss_fn, classification, metrics,
-                       dict(calls, output_transform=output_transform))
-
-
-def _scores(model: nn.Module, loader: Any, settings: RunSettings, device: torch.device, amp: str | None,
-            loss_fn: Callable, classification: bool, metrics: Mapping[str, Metric] | None,
-            calls: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """The evaluator's pass over ``loader``: every metric, as the validation of :func:`fit` computes it."""
-    scores: dict[str, Metric] = {"loss": Loss(loss_fn)}
-    if classification:
-        scores["accuracy"] = Accuracy(output_transform=AccuracyView(loss_fn))
-    scores.update({**(metrics or {}), "samples": SampleCount()})
-    evaluator = create_evaluator(model, scores, device=device, amp=amp, channels_last=settings.channels_last,
-                                 **calls)  # fmt: skip
-    with deterministic_algorithms(settings.deterministic):
-        evaluator.run(loader)
-    return dict(evaluator.state.metrics)
+        calls = ModelCalls.of(prepare_batch, model_fn, model_transform, output_transform)
+        BatchCheck(calls, loss_fn, classification, device, amp).first_batches(model, {"test": loader})
+        scores = validation_metrics(loss_fn, classification, AccuracyView(loss_fn), metrics)
+        evaluator = create_evaluator(model, scores, device=device, amp=amp, channels_last=settings.channels_last,
+                                     **calls.engine_kwargs())
+        with deterministic_algorithms(settings.deterministic):
+            evaluator.run(loader)
+        return dict(evaluator.state.metrics)
 
 
 def _inputs(batch: Any) -> Any:
@@ -110,6 +98,11 @@ def _inputs(batch: Any) -> Any:
     if isinstance(batch, Mapping):
         return split_batch(batch)[0]
     return batch
+
+
+def _inputs_only(batch: Any, device: torch.device, non_blocking: bool) -> tuple[Any, None]:
+    """``predict``'s ``prepare_batch``: the inputs on the device, no targets."""
+    return to_device(_inputs(batch), device, non_blocking), None
 
 
 def predict(
@@ -136,21 +129,17 @@ def predict(
         raise ConfigError("predict runs in one process: call it outside the distributed run, or on rank 0 alone")
     with returned_home(model):
         return _predict(model, data, settings, checkpoint, collate_fn,
-                        dict(prepare_batch=prepare_batch, model_fn=model_fn, model_transform=model_transform))
+                        ModelCalls.of(prepare_batch or _inputs_only, model_fn, model_transform))
 
 
 def _predict(model: nn.Module, data: Any, settings: RunSettings | None, checkpoint: str | Path | None,
-             collate_fn: Callable | None, calls: dict[str, Any]) -> torch.Tensor:  # fmt: skip
+             collate_fn: Callable | None, calls: ModelCalls) -> torch.Tensor:  # fmt: skip
     settings, device, amp = _ready(model, settings, checkpoint)
     if isinstance(data, torch.Tensor):
         data = (data, torch.zeros(len(data)))  # the targets are not read
     loader = eval_loader(data, settings, device, collate_fn, name="prediction")
-    if calls["prepare_batch"] is None:
-        def inputs_only(batch: Any, device: torch.device, non_blocking: bool) -> tuple[Any, None]:
-            return to_device(_inputs(batch), device, non_blocking), None
-        calls["prepare_batch"] = inputs_only
     evaluator = create_evaluator(model, {}, device=device, amp=amp, channels_last=settings.channels_last,
-                                 **calls)  # fmt: skip
+                                 **calls.engine_kwargs())
     outputs: list[torch.Tensor] = []
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output[0].cpu()))
     try:
@@ -158,7 +147,7 @@ def _predict(model: nn.Module, data: Any, settings: RunSettings | None, checkpoi
             evaluator.run(loader)
     except (RuntimeError, TypeError) as exc:  # the inputs' type or layout: one line, as fit says it
         message = input_mismatch(model, getattr(evaluator.state, "inputs", None), exc, "prediction",
-                                 calls["model_fn"] is not None)
+                                 calls.model_fn is not None)
         if message is None:
             raise
         raise ConfigError(message) from exc

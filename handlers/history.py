@@ -13,7 +13,7 @@ from ignite.engine import Engine, Events
 from engine.files import write_json_atomic
 from handlers.ordering import Stage, attach_ordered
 
-__all__ = ["History", "write_json_atomic"]
+__all__ = ["History"]
 
 
 def _plain(value: Any) -> Any:

@@ -4,19 +4,28 @@ generators and the data order are left exactly as they were."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
 from ignite.handlers import FastaiLRFinder
 
-from handlers.history import write_json_atomic
+from engine.determinism import deterministic_algorithms
+from engine.errors import ConfigError, param
+from engine.files import write_json_atomic
+from engine.trainer import create_trainer
+from handlers.console import write_line
+from handlers.feature import RunFeature, RunParts, RunResultMaker
 from handlers.rng import RNGState
+from handlers.run_folder import check_output_dir, make_output_dir
 
-__all__ = ["LRFinder"]
+__all__ = ["FindingLR", "LRFinder", "LRFinderRun"]
 
 
 class LRFinder:
@@ -111,3 +120,79 @@ class LRFinder:
                 for step, (lr, loss) in enumerate(zip(self.results["lr"], self.results["loss"]), 1):
                     writer.add_scalar("lr_finder/loss", loss, step)
                     writer.add_scalar("lr_finder/lr", lr, step)
+
+
+class LRFinderRun(RunResultMaker):
+    """What :func:`~handlers.fit.build_run` returns for ``settings.find_lr``: its ``run()`` writes the
+    finder's results into the run folder and returns exit code 0, without training."""
+
+    def __init__(self, finder: LRFinder, settings: Any, name: str) -> None:
+        self.finder, self.settings, self.name = finder, settings, name
+
+    def run(self) -> Any:
+        from handlers.run import RunResult
+
+        out = check_output_dir(self.settings.output_dir, self.settings.resume, self.name)
+        if idist.get_rank() == 0:
+            make_output_dir(out)
+            self.finder.write(out, tensorboard=self.settings.tensorboard)
+            then = f"train at it with {param('lr', 'find')} or " if self.finder.suggestion is not None else "then "
+            write_line(f"LR finder results: {out / 'lr_finder.json'}, {out / 'lr_finder.png'}; {then}"
+                       f"give {param('lr')} a value")
+        return RunResult(0, out)
+
+
+class FindingLR(RunFeature):
+    """``--find-lr`` (find, write, train nothing) and ``--lr find`` (find, then train at the suggestion):
+    the finder on a bare trainer of the run's own step, over the run's training loader, whose data order
+    (and a stream's place) is put back afterwards."""
+
+    def __init__(self) -> None:
+        self.finder: LRFinder | None = None
+
+    @classmethod
+    def of(cls, parts: RunParts) -> FindingLR | None:
+        """The feature when the settings ask for the finder, else ``None``."""
+        return cls() if parts.settings.find_lr or parts.settings.lr == "find" else None
+
+    def before_training(self, parts: RunParts) -> LRFinderRun | None:
+        self.finder = _find(parts)
+        if parts.settings.find_lr:
+            return LRFinderRun(self.finder, parts.settings, parts.name)
+        if self.finder.suggestion is None:
+            raise ConfigError(f"the LR finder found no learning rate to suggest (the loss did not fall and rise "
+                              f"again over {len(self.finder.results['lr'])} batches): give {param('lr')} a value")
+        for group in parts.optimizer.param_groups:
+            group["lr"] = self.finder.suggestion
+        parts.settings = dataclasses.replace(parts.settings, lr=self.finder.suggestion)
+        parts.config["lr_finder"] = {"suggestion": self.finder.suggestion, "range": list(self.finder.tried)}
+        return None
+
+    def after_attach(self, run: Any, parts: RunParts) -> None:
+        if idist.get_rank() == 0:
+            self.finder.write(run.output_dir, tensorboard=parts.settings.tensorboard)
+
+
+def _find(parts: RunParts) -> LRFinder:
+    """The finder's run; says what it found."""
+    from handlers.checkpoint.resume import data_order
+
+    s, device = parts.settings, parts.device.device
+    order = data_order(parts.train_loader, None)
+    saved = order.state_dict() if order is not None else None
+    trainer = create_trainer(parts.run_model, parts.optimizer, parts.loss_fn, device=device, amp=parts.amp,
+                             accumulation_steps=s.accumulation_steps, clip_grad_norm=s.clip_grad_norm,
+                             channels_last=s.channels_last, seed=s.seed,
+                             **parts.calls.engine_kwargs(parts.train_prepare), **parts.engine_options)
+    to_save = {"model": parts.run_model, "optimizer": parts.optimizer}
+    if trainer.scaler is not None:
+        to_save["scaler"] = trainer.scaler
+    try:
+        with deterministic_algorithms(s.deterministic):
+            finder = LRFinder(log=write_line, cuda_device=device if device.type == "cuda" else None).run(
+                trainer, parts.train_loader, to_save)
+    finally:
+        if order is not None:
+            order.load_state_dict(saved)
+    write_line(finder.line())
+    return finder

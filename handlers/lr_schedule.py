@@ -56,20 +56,7 @@ class LRSchedule:
         metric: str = "val_accuracy",
         mode: str = "max",
     ) -> None:
-        if name not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
-        if epoch_length is None:  # a stream of unknown length: nothing defined over the run's iterations
-            if name not in ("none", "plateau") or warmup_epochs:
-                raise ValueError(f"{name} (and a warm-up) needs epoch_length; a stream's is unknown")
-            epoch_length = 1
-        if not isinstance(epochs, int) or epochs < 1 or not isinstance(epoch_length, int) or epoch_length < 1:
-            raise ValueError(f"epochs and epoch_length must be positive integers, got {epochs!r}, {epoch_length!r}")
-        if not 0 <= warmup_epochs < epochs:
-            raise ValueError(f"warmup_epochs must be >= 0 and less than epochs ({epochs}), got {warmup_epochs!r}")
-        if step_epochs is not None and (not isinstance(step_epochs, int) or step_epochs < 1):
-            raise ValueError(f"step_epochs must be a positive integer, got {step_epochs!r}")
-        if not 0 < gamma <= 1 or not 0 < plateau_factor < 1:
-            raise ValueError("gamma must be in (0, 1] and plateau_factor in (0, 1)")
+        epoch_length = _checked(name, epochs, epoch_length, warmup_epochs, step_epochs, gamma, plateau_factor)
         self.name = name
         self.optimizer = optimizer
         self.peak = float(optimizer.param_groups[0]["lr"])
@@ -149,3 +136,22 @@ class LRSchedule:
                 setattr(self.plateau.scheduler, k, v)
 
 
+def _checked(name: str, epochs: int, epoch_length: int | None, warmup_epochs: float, step_epochs: int | None,
+             gamma: float, plateau_factor: float) -> int:  # fmt: skip
+    """:class:`LRSchedule`'s arguments checked (a ``ValueError`` naming the first wrong one); the epoch
+    length to schedule over (1 for a stream of unknown length, where nothing spans the run's iterations)."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+    if epoch_length is None:
+        if name not in ("none", "plateau") or warmup_epochs:
+            raise ValueError(f"{name} (and a warm-up) needs epoch_length; a stream's is unknown")
+        epoch_length = 1
+    if not isinstance(epochs, int) or epochs < 1 or not isinstance(epoch_length, int) or epoch_length < 1:
+        raise ValueError(f"epochs and epoch_length must be positive integers, got {epochs!r}, {epoch_length!r}")
+    if not 0 <= warmup_epochs < epochs:
+        raise ValueError(f"warmup_epochs must be >= 0 and less than epochs ({epochs}), got {warmup_epochs!r}")
+    if step_epochs is not None and (not isinstance(step_epochs, int) or step_epochs < 1):
+        raise ValueError(f"step_epochs must be a positive integer, got {step_epochs!r}")
+    if not 0 < gamma <= 1 or not 0 < plateau_factor < 1:
+        raise ValueError("gamma must be in (0, 1] and plateau_factor in (0, 1)")
+    return epoch_length

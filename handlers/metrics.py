@@ -11,12 +11,12 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy, Loss, Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-from engine.device import to_device
+from engine.batch import to_device
 from engine.epoch import batch_in_epoch, mid_epoch
 from handlers.adapters import move_metric_state
 from handlers.ordering import Stage, attach_ordered
 
-__all__ = ["AccuracyView", "SampleCount", "TrainMetrics"]
+__all__ = ["AccuracyView", "SampleCount", "TrainMetrics", "validation_metrics"]
 
 
 class AccuracyView:
@@ -229,3 +229,14 @@ def _joins(first: tuple[Any, Any, Any], item: tuple[Any, Any, Any]) -> bool:
         if a.dtype != b.dtype or a.dim() != b.dim() or a.shape[1:] != b.shape[1:] or a.device != b.device:
             return False
     return item[0].dim() == 0 and item[1].dim() > 0 and item[2].dim() > 0
+
+
+def validation_metrics(loss_fn: Callable, classification: bool, view: AccuracyView,
+                       extra: Mapping[str, Metric] | None = None) -> dict[str, Metric]:  # fmt: skip
+    """The metrics of a validation (and of ``evaluate``): ``loss`` (a per-sample mean), ``accuracy`` for a
+    classifier (read through ``view``), the user's ``extra`` and ``samples``, in that order."""
+    metrics: dict[str, Metric] = {"loss": Loss(loss_fn)}
+    if classification:
+        metrics["accuracy"] = Accuracy(output_transform=view)
+    metrics.update({**(extra or {}), "samples": SampleCount()})
+    return metrics

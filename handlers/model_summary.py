@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from engine.device import split_batch
+from engine.batch import split_batch
 
 __all__ = ["ModelSummary", "summarize"]
 

@@ -11,7 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import TerminateOnNan
 
-from engine.device import TARGET_KEYS, tensors_in
+from engine.batch import TARGET_KEYS, tensors_in
 from engine.errors import param
 
 __all__ = ["NanGuard", "non_finite_samples"]

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from ignite.engine import Engine, Events
 from ignite.handlers import HandlersTimeProfiler
 
-from handlers.history import write_json_atomic
+from engine.files import write_json_atomic
 from handlers.ordering import wrap_ordered
 
 __all__ = ["Profile"]

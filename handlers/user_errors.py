@@ -12,7 +12,6 @@ import sysconfig
 import traceback
 from pathlib import Path
 
-
 __all__ = ["FULL_TRACEBACK_ENV", "describe_failure", "full_traceback_wanted", "is_library_file", "report_failure",
            "user_traceback", "where_failed"]
 

@@ -19,7 +19,7 @@ from engine.checks import (
     probability_outputs,
     unregistered,
 )
-from engine.device import prepare_batch
+from engine.batch import prepare_batch
 
 CHECKS = dict(prepare_batch=prepare_batch, model_transform=None, loss_fn=nn.CrossEntropyLoss(), classification=True,
               device=torch.device("cpu"))

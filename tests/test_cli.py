@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine import CheckpointSaveError, ConfigError, RunSettings, flag_names, param
-from handlers import RunResult, cli
+from handlers import RunResult, cli, launch
 from tests.conftest import ROOT
 
 
@@ -134,13 +134,13 @@ def test_exit_process_exits_with_the_code_after_atexit_and_flushed_output(tmp_pa
 ])  # fmt: skip
 def test_nproc_per_node_forks_only_on_a_cpu_only_linux_machine_unless_the_program_chose(monkeypatch, platform,
                                                                                        accelerator, chosen, expected):
-    monkeypatch.setattr(cli.sys, "platform", platform)
-    monkeypatch.setattr(cli, "_accelerator_present", lambda: accelerator)
-    monkeypatch.setattr(cli.multiprocessing, "get_start_method", lambda allow_none=False: chosen)
-    assert cli.start_method() == expected
+    monkeypatch.setattr(launch.sys, "platform", platform)
+    monkeypatch.setattr(launch, "_accelerator_present", lambda: accelerator)
+    monkeypatch.setattr(launch.multiprocessing, "get_start_method", lambda allow_none=False: chosen)
+    assert launch.start_method() == expected
 
 
 def test_no_accelerator_is_seen_on_this_cpu_only_machine():
     import torch
 
-    assert cli._accelerator_present() == torch.cuda.is_available()  # the tests run without a GPU
+    assert launch._accelerator_present() == torch.cuda.is_available()  # the tests run without a GPU

@@ -15,12 +15,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 from torchvision.transforms import v2
 
 from engine import ConfigError, InMemoryLoader, ResumableRandomSampler, RunSettings
-from engine.device import split_batch
+from engine.batch import split_batch
 from engine.seeding import SeededDataset, batch_generator
 from engine.stream import StreamLoader, sharded_batches
 from engine.transforms import Compose, RandomCrop, RandomHorizontalFlip
 from handlers import fit, seed_everything
-from handlers.fit import data_route, make_loaders
+from handlers.loaders import data_route, make_loaders
 
 QUIET = dict(progress=False, log_every=0, tensorboard=False, patience=0)
 

@@ -9,7 +9,7 @@ from ignite.engine import Engine, Events
 
 from engine import ConfigError, InMemoryLoader
 from engine.checks import BatchError, LabelGuard
-from engine.device import prepare_batch
+from engine.batch import prepare_batch
 from handlers.nan_guard import NanGuard
 
 

@@ -22,12 +22,11 @@ import time
 
 import numpy as np
 import torch
+from common import machine, quiet
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-
-from common import machine, quiet
 
 from engine import RunSettings
 from engine.seeding import SeededDataset

@@ -78,8 +78,8 @@ def main() -> None:
                       "crc on": timed(lambda: raw_save(state, raw, True)),
                       "crc off": timed(lambda: raw_save(state, raw, False))}
             path = Path(ckpt.last_path)
-            sample["torch.load"] = timed(lambda: torch.load(path, map_location="cpu", weights_only=True))
-            sample["verify"] = timed(lambda: verify_checkpoint(path))
+            sample["torch.load"] = timed(lambda path=path: torch.load(path, map_location="cpu", weights_only=True))
+            sample["verify"] = timed(lambda path=path: verify_checkpoint(path))
             if r:
                 for k, v in sample.items():
                     times[k].append(v)

@@ -46,7 +46,8 @@ def mnist_datasets(root: str) -> list:
     from torchvision import transforms
 
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
-    return [load_dataset(torchvision.datasets.MNIST, root, train=t, download=False, transform=tf) for t in (True, False)]
+    return [load_dataset(torchvision.datasets.MNIST, root, train=t, download=False, transform=tf)
+            for t in (True, False)]
 
 
 def seed_cnn() -> nn.Module:

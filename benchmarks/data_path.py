@@ -16,10 +16,9 @@ import statistics
 import time
 
 import torch
+from common import machine, mnist_root, mnist_tensors
 from torch.utils.data import DataLoader
 from torchvision import transforms
-
-from common import machine, mnist_root, mnist_tensors
 
 from engine import RunSettings, load_dataset
 from handlers import make_loaders

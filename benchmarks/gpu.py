@@ -21,7 +21,6 @@ import tempfile
 import time
 
 import torch
-
 from common import machine, mnist_root, mnist_tensors
 from overhead import EngineRun, raw_loop
 
@@ -78,8 +77,8 @@ def main() -> None:
         for amp in precisions:
             engine_seconds(data, device, amp, 50, f"{tmp}/warm{next(n)}")  # warm-up: kernels, allocator, caches
             loop_seconds(data, device, amp, 50)
-            e, r = alternate(lambda: engine_seconds(data, device, amp, args.limit, f"{tmp}/run{next(n)}"),
-                             lambda: loop_seconds(data, device, amp, args.limit), args.rounds)  # fmt: skip
+            e, r = alternate(lambda amp=amp: engine_seconds(data, device, amp, args.limit, f"{tmp}/run{next(n)}"),
+                             lambda amp=amp: loop_seconds(data, device, amp, args.limit), args.rounds)  # fmt: skip
             ratios[amp], engine[amp] = statistics.median(x / y for x, y in zip(e, r)), statistics.median(e)
             print(f"{amp}: loop {', '.join(f'{s:.3f}' for s in r)} s; engine {', '.join(f'{s:.3f}' for s in e)} s; "
                   f"engine/loop {', '.join(f'{x / y:.3f}' for x, y in zip(e, r))} (median {ratios[amp]:.3f})",
@@ -91,7 +90,8 @@ def main() -> None:
         det_ratio = statistics.median(x / y for x, y in zip(det, plain))
         print(f"deterministic ({amp}): with {', '.join(f'{s:.3f}' for s in det)} s; without "
               f"{', '.join(f'{s:.3f}' for s in plain)} s (median ratio {det_ratio:.3f})")
-    print(" ".join(f"ratio_{amp}={ratio:.3f}" for amp, ratio in ratios.items()) + f" deterministic_ratio={det_ratio:.3f}")
+    print(" ".join(f"ratio_{amp}={ratio:.3f}" for amp, ratio in ratios.items())
+          + f" deterministic_ratio={det_ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -36,14 +36,13 @@ import argparse
 import statistics
 import tempfile
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
+from common import machine, mnist_cnn, mnist_datasets, mnist_root, mnist_tensors, quiet, seed_cnn
 from ignite.engine import Events
 from ignite.handlers import PiecewiseLinear
 from torch import nn
-
-from common import machine, mnist_cnn, mnist_datasets, mnist_root, mnist_tensors, quiet, seed_cnn
 
 from engine import RunSettings
 from handlers import build_run, make_loaders, seed_everything

@@ -19,9 +19,8 @@ import tempfile
 import time
 
 import torch
-from torch import nn
-
 from common import machine, mnist_cnn, mnist_root, mnist_tensors, quiet
+from torch import nn
 
 from engine import RunSettings, create_trainer
 from engine.amp import native_precisions

@@ -37,7 +37,7 @@ steps_per_epoch = math.ceil(len(x) / batch)
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.7, 0.9))
 schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=args.epochs * steps_per_epoch)
 
-for epoch in range(args.epochs):
+for _epoch in range(args.epochs):
     model.train()
     order = torch.randperm(len(x))
     for i in range(steps_per_epoch):

@@ -8,8 +8,10 @@ import contextlib
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 
@@ -27,7 +29,7 @@ def _check_amp(amp: str | None) -> None:
         raise ConfigError(f"unknown mixed-precision mode {amp!r}: use one of {sorted(AMP_DTYPES)} or none")
 
 
-def autocast_context(device: torch.device, amp: str | None) -> ContextManager:
+def autocast_context(device: torch.device, amp: str | None) -> AbstractContextManager:
     """Return an autocast context for ``amp`` (``"bf16"``, ``"fp16"`` or ``None`` for full precision)."""
     _check_amp(amp)
     if amp is None:
@@ -44,7 +46,24 @@ def make_grad_scaler(device: torch.device, amp: str | None) -> torch.amp.GradSca
 
 
 def cpu_flags() -> tuple[str, set[str]]:
-    """(CPU model name, feature flags) from /proc/cpuinfo; empty where there is none (not Linux)."""
+    """(CPU model name, feature flags): the features from PyTorch's own probe (``torch.cpu.get_capabilities``,
+    which knows x86, ARM and macOS alike: ``avx512_bf16``, ``amx_bf16``, ...), the name from ``/proc/cpuinfo``
+    where there is one; on a torch without the probe, both from ``/proc/cpuinfo`` (empty where there is none)."""
+    model, flags = _proc_cpuinfo()
+    get = getattr(torch.cpu, "get_capabilities", None)
+    try:
+        capabilities = get() if get is not None else None
+    except Exception:  # the probe failed on this CPU: /proc/cpuinfo's flags stand
+        capabilities = None
+    if capabilities:
+        flags = {name for name, value in capabilities.items() if value is True}
+        if model in ("", platform.machine()) and capabilities.get("cpu_name"):
+            model = str(capabilities["cpu_name"])
+    return model, flags
+
+
+def _proc_cpuinfo() -> tuple[str, set[str]]:
+    """(CPU model name, feature flags) from /proc/cpuinfo; the machine's name and no flag where there is none."""
     info = Path("/proc/cpuinfo")
     text = info.read_text(errors="replace") if info.is_file() else ""
     model, flags = platform.processor() or platform.machine(), set()

@@ -97,7 +97,7 @@ class RunDevice:
 
     @classmethod
     def of(cls, name: str | torch.device | None = "auto", *, local_rank: int = 0,
-           local_world_size: int = 1) -> "RunDevice":  # fmt: skip
+           local_world_size: int = 1) -> RunDevice:  # fmt: skip
         """``name`` resolved (:func:`resolve_device`); in a launched run on CUDA, the GPU of this
         process's ``local_rank``. More processes on this machine than GPUs: one line from each."""
         device = resolve_device(name)
@@ -132,7 +132,7 @@ class RunDevice:
     def generator_device(self) -> torch.device | None:
         return self.device if self.is_cuda else None
 
-    def activate(self) -> "RunDevice":
+    def activate(self) -> RunDevice:
         """Make ``device`` this process's current CUDA device (a no-op elsewhere)."""
         if self.is_cuda:
             torch.cuda.set_device(self.device)

@@ -82,7 +82,7 @@ class RunLock:
         self.path = Path(directory) / ".lock"
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         if not _try_lock(fd):
             try:
@@ -107,7 +107,7 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from ignite.engine import Engine
@@ -121,7 +122,7 @@ class ResumableRandomSampler(Sampler[int]):
             return ((epoch, i) for i in indices)
         return iter(indices)
 
-    def attach(self, trainer: Engine, batch_size: int) -> "ResumableRandomSampler":
+    def attach(self, trainer: Engine, batch_size: int) -> ResumableRandomSampler:
         """Follow ``trainer``, whose batches hold ``batch_size`` of this sampler's indices."""
         if not isinstance(trainer, Engine):
             raise TypeError(f"trainer must be an ignite Engine, got {type(trainer).__name__}")

@@ -106,7 +106,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         self.check()
 
-    def check(self) -> "RunSettings":
+    def check(self) -> RunSettings:
         """Raise :class:`ConfigError` naming the first field that cannot work."""
         for name in ("epochs", "batch_size", "val_batch_size", "val_every", "n_saved", "accumulation_steps"):
             _positive_int(self, name)

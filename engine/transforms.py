@@ -11,7 +11,7 @@ whole batch), each sample gets its own crop and its own flip, as in the CIFAR-10
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -20,10 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from handlers import Stage, attach_ordered, cli, fit, write_line  # noqa: E402  (before Ignite: engine/imports.py)
-from train_mnist import MNIST_MEAN, MNIST_STD, FastNet, MnistSettings, load_mnist  # noqa: E402
+from ignite.engine import Engine, Events
+from train_mnist import MNIST_MEAN, MNIST_STD, FastNet, MnistSettings, load_mnist
 
-from ignite.engine import Engine, Events  # noqa: E402
+from handlers import Stage, attach_ordered, cli, fit, write_line
 
 
 class StopAtAccuracy:
@@ -36,7 +36,7 @@ class StopAtAccuracy:
         self.target = target
         self.reached_at: int | None = None
 
-    def attach(self, trainer: Engine) -> "StopAtAccuracy":
+    def attach(self, trainer: Engine) -> StopAtAccuracy:
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self, Stage.DECISION)
         return self
 
@@ -57,7 +57,7 @@ class StopAtAccuracy:
 class Report:
     """A plain Ignite handler: after everything of ours, one line with what it sees."""
 
-    def attach(self, trainer: Engine, evaluator: Engine) -> "Report":
+    def attach(self, trainer: Engine, evaluator: Engine) -> Report:
         self.evaluator = evaluator
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
         return self

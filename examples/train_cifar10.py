@@ -18,12 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 # ours before torch: they import torch and Ignite with the garbage collector paused (engine/imports.py)
-from engine import RunSettings, load_dataset  # noqa: E402
-from engine.transforms import Compose, RandomCrop, RandomHorizontalFlip  # noqa: E402
-from handlers import cli, fit  # noqa: E402
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from engine import RunSettings, load_dataset
+from engine.transforms import Compose, RandomCrop, RandomHorizontalFlip
+from handlers import cli, fit
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

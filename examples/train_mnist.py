@@ -18,11 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 # ours before torch: they import torch and Ignite with the garbage collector paused (engine/imports.py)
-from engine import RunSettings, check_classification_data, load_dataset  # noqa: E402
-from handlers import cli, fit  # noqa: E402
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from engine import RunSettings, check_classification_data, load_dataset
+from handlers import cli, fit
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
+import torch
+from torch import nn
+from torch.utils.data import Dataset
 
-from engine import RunSettings  # noqa: E402
-from handlers import cli, fit  # noqa: E402
+from engine import RunSettings
+from handlers import cli, fit
 
 
 class Reviews(Dataset):

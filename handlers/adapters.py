@@ -24,13 +24,16 @@ __all__ = ["add_hparams_fast", "add_image_fast", "add_scalars_fast", "checkpoint
 
 
 def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
-    """The files an Ignite ``Checkpoint`` keeps (``Checkpoint.Item(priority, filename)``), oldest or worst first."""
-    return list(checkpoint._saved)
+    """The files an Ignite ``Checkpoint`` keeps (``Checkpoint.Item(priority, filename)``), oldest or worst first,
+    read through its public ``state_dict()`` (whose one key names the private list it copies)."""
+    (saved,) = checkpoint.state_dict().values()
+    return [Checkpoint.Item(priority, filename) for priority, filename in saved]
 
 
 def set_checkpoint_items(checkpoint: Checkpoint, items: list[Any]) -> None:
-    """Replace that list (after a resume, without the files that are gone)."""
-    checkpoint._saved = [Checkpoint.Item(priority, filename) for priority, filename in items]
+    """Replace that list (after a resume, without the files that are gone), through ``load_state_dict()``."""
+    (key,) = checkpoint.state_dict().keys()
+    checkpoint.load_state_dict({key: [(priority, filename) for priority, filename in items]})
 
 
 def inductor_default_cache() -> str:

@@ -18,7 +18,8 @@ import copy
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Mapping, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from engine.errors import EXIT_USAGE, flag_names
 from engine.settings import OPTIMIZERS, SCHEDULERS, RunSettings
@@ -85,8 +86,8 @@ def _data_flags(p: argparse.ArgumentParser, d: RunSettings, data_env: str | None
     """Where the data and the run folder are, and what to resume or replay."""
     p.add_argument("--data-dir", default=(os.environ.get(data_env) if data_env else None) or d.data_dir,
                    help=f"data folder (default: ${data_env}, else {d.data_dir})" if data_env else "data folder")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
-                   help="download the data when it is missing (--no-download: never)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="download the data when it is missing (default: on; --no-download: never)")
     p.add_argument("--output-dir", default=None, help="run folder (default: runs/<name>-<timestamp>)")
     p.add_argument("--resume", default=None, help="'auto' (newest valid last_*.pt in --output-dir) or a path")
     p.add_argument("--config", default=None, metavar="PATH",
@@ -131,10 +132,10 @@ def _handler_flags(p: argparse.ArgumentParser, d: RunSettings) -> None:
                    help="also save last_*.pt every N iterations (mid-epoch, exact resume)")
     g.add_argument("--log-every", type=non_negative_int, default=d.log_every,
                    help="batch lines every N batches (0: none)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (always off when not a terminal)")
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
-                   help="TensorBoard event files (--no-tensorboard: none)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="progress bars (default: on; always off when not a terminal)")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="TensorBoard event files (default: on)")
     g.add_argument("--tb-histograms", action="store_true", help="weight and gradient histograms (cost time)")
     g.add_argument("--tb-images-every", type=non_negative_int, default=d.tb_images_every,
                    help="confusion matrix and misclassified samples every N epochs (0: after the last only)")

@@ -3,7 +3,8 @@ the samples) and its first misclassified samples, for TensorBoard."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ignite.distributed as idist
 import torch
@@ -42,7 +43,7 @@ class MisclassifiedCollector:
         self._counts: torch.Tensor | None = None  # dense: C * C counts and a last slot for what is not a class
         self._pairs: list[torch.Tensor] = []  # sparse: each batch's true * C + predicted
 
-    def attach(self, evaluator: Engine) -> "MisclassifiedCollector":
+    def attach(self, evaluator: Engine) -> MisclassifiedCollector:
         evaluator.add_event_handler(Events.STARTED, self.reset)
         evaluator.add_event_handler(Events.ITERATION_COMPLETED, self.update)
         evaluator.add_event_handler(Events.COMPLETED, self._reduce)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
@@ -68,7 +69,7 @@ class ConsoleLogger:
         self.log_every = log_every
         self.write = write
 
-    def attach(self, trainer: Engine) -> "ConsoleLogger":
+    def attach(self, trainer: Engine) -> ConsoleLogger:
         if self.log_every:
             every = self.log_every
 

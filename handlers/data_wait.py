@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ignite.engine import Engine, Events
 
@@ -42,7 +43,7 @@ class DataWaitHint:
         self.cores = cores if cores is not None else len(affinity(0)) if affinity else os.cpu_count() or 1
         self._start = 0.0
 
-    def attach(self, trainer: Engine) -> "DataWaitHint":
+    def attach(self, trainer: Engine) -> DataWaitHint:
         trainer.add_event_handler(Events.STARTED, self._started)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._completed)
         return self

@@ -9,7 +9,8 @@ stopped; state that survives a resume.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping as _IgniteEarlyStopping
@@ -80,7 +81,7 @@ class EarlyStopping:
             return value
         return -math.inf if self.mode == "max" else math.inf
 
-    def attach(self, trainer: Engine) -> "EarlyStopping":
+    def attach(self, trainer: Engine) -> EarlyStopping:
         """Judge at each epoch end (Stage.DECISION) and stop ``trainer``; forget old runs when a fresh run starts."""
         if not isinstance(trainer, Engine):
             raise TypeError(f"trainer must be an ignite Engine, got {type(trainer).__name__}")

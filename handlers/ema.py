@@ -11,6 +11,7 @@ from ignite.handlers import EMAHandler
 from torch import nn
 
 from handlers.feature import RunFeature, RunParts
+from handlers.run import Run
 from handlers.validation import Validation
 
 __all__ = ["WeightAverage", "ema_handler"]
@@ -62,6 +63,6 @@ class WeightAverage(RunFeature):
         return {**saved, "model": self.handler.ema_model, "raw_model": self.model,
                 "ema_momentum": _StepCount(self.handler.momentum_scheduler)}
 
-    def after_attach(self, run: Any, parts: RunParts) -> None:
+    def after_attach(self, run: Run, parts: RunParts) -> None:
         raw = parts.make_evaluator(parts.eval_model, {})  # the raw weights' scores beside the average's
         Validation(raw, parts.val_loader, every=parts.settings.val_every, prefix="val_raw_").attach(parts.trainer)

@@ -302,7 +302,8 @@ def _guarded_labels(device: RunDevice, model: nn.Module, classes: int | None,
         return (None, None) if given is default_prepare_batch else (given, given)
 
     def guard(name: str) -> LabelGuard:
-        return LabelGuard(given, name, classes, loss_fn.ignore_index, probe=lambda batch: check.batch(model, batch, name))
+        return LabelGuard(given, name, classes, loss_fn.ignore_index,
+                          probe=lambda batch: check.batch(model, batch, name))
 
     return guard("training"), guard("validation")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
@@ -42,7 +43,7 @@ class History:
         self._epoch_samples = 0
         self._train_seconds = 0.0
 
-    def attach(self, trainer: Engine) -> "History":
+    def attach(self, trainer: Engine) -> History:
         trainer.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._count)
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self._end_training_phase, Stage.METRICS)

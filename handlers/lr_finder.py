@@ -19,10 +19,13 @@ from ignite.handlers import FastaiLRFinder
 from engine.determinism import deterministic_algorithms
 from engine.errors import ConfigError, param
 from engine.files import write_json_atomic
+from engine.settings import RunSettings
 from engine.trainer import create_trainer
+from handlers.checkpoint.resume import data_order
 from handlers.console import write_line
 from handlers.feature import RunFeature, RunParts, RunResultMaker
 from handlers.rng import RNGState
+from handlers.run import Run, RunResult
 from handlers.run_folder import check_output_dir, make_output_dir
 
 __all__ = ["FindingLR", "LRFinder", "LRFinderRun"]
@@ -49,7 +52,7 @@ class LRFinder:
         self.results: dict[str, list[float]] = {}
         self.suggestion: float | None = None  # None: the curve had no fall to suggest from
 
-    def run(self, trainer: Engine, loader: Iterable, to_save: Mapping[str, Any]) -> "LRFinder":
+    def run(self, trainer: Engine, loader: Iterable, to_save: Mapping[str, Any]) -> LRFinder:
         try:
             length = len(loader)  # type: ignore[arg-type]
         except TypeError:  # a stream of unknown length
@@ -126,12 +129,10 @@ class LRFinderRun(RunResultMaker):
     """What :func:`~handlers.fit.build_run` returns for ``settings.find_lr``: its ``run()`` writes the
     finder's results into the run folder and returns exit code 0, without training."""
 
-    def __init__(self, finder: LRFinder, settings: Any, name: str) -> None:
+    def __init__(self, finder: LRFinder, settings: RunSettings, name: str) -> None:
         self.finder, self.settings, self.name = finder, settings, name
 
-    def run(self) -> Any:
-        from handlers.run import RunResult
-
+    def run(self) -> RunResult:
         out = check_output_dir(self.settings.output_dir, self.settings.resume, self.name)
         if idist.get_rank() == 0:
             make_output_dir(out)
@@ -168,15 +169,13 @@ class FindingLR(RunFeature):
         parts.config["lr_finder"] = {"suggestion": self.finder.suggestion, "range": list(self.finder.tried)}
         return None
 
-    def after_attach(self, run: Any, parts: RunParts) -> None:
+    def after_attach(self, run: Run, parts: RunParts) -> None:
         if idist.get_rank() == 0:
             self.finder.write(run.output_dir, tensorboard=parts.settings.tensorboard)
 
 
 def _find(parts: RunParts) -> LRFinder:
     """The finder's run; says what it found."""
-    from handlers.checkpoint.resume import data_order
-
     s, device = parts.settings, parts.device.device
     order = data_order(parts.train_loader, None)
     saved = order.state_dict() if order is not None else None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
@@ -94,7 +95,7 @@ class LRSchedule:
         else:
             self.per_iteration = main
 
-    def attach(self, trainer: Engine) -> "LRSchedule":
+    def attach(self, trainer: Engine) -> LRSchedule:
         if self.per_iteration is not None:
             event = Events.ITERATION_STARTED
             if self._warmup_only:

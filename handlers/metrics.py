@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ignite.distributed as idist
 import torch
@@ -123,7 +124,7 @@ class TrainMetrics:
         self._pending: dict[str, Any] | None = None
         self._trainer: Engine | None = None
 
-    def attach(self, trainer: Engine) -> "TrainMetrics":
+    def attach(self, trainer: Engine) -> TrainMetrics:
         """Reset at each epoch start, update after each iteration, publish at epoch end (Stage.METRICS)."""
         self._trainer = trainer
         trainer.add_event_handler(Events.EPOCH_STARTED, self._started)

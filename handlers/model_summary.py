@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
@@ -60,7 +61,7 @@ class ModelSummary:
         self.log = log
         self.info: dict[str, Any] | None = None
 
-    def attach(self, trainer: Engine) -> "ModelSummary":
+    def attach(self, trainer: Engine) -> ModelSummary:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._first_batch)
         return self
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ignite.distributed as idist
 import torch
@@ -102,7 +103,7 @@ class NanGuard:
             self._read(self._engine)
         return self.triggered_at is not None
 
-    def attach(self, trainer: Engine) -> "NanGuard":
+    def attach(self, trainer: Engine) -> NanGuard:
         self._engine = trainer
         trainer.add_event_handler(Events.STARTED, self._reset)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self)

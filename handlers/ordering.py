@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Callable
 from enum import IntEnum
-from typing import Any, Callable
+from typing import Any
 
 from ignite.engine import Engine, EventEnum
 

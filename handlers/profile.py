@@ -5,8 +5,9 @@ at the end and ``profile.json``. Off by default, and then nothing is attached.""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ignite.engine import Engine, Events
 from ignite.handlers import HandlersTimeProfiler
@@ -32,7 +33,7 @@ class Profile:
         self.profilers: dict[str, HandlersTimeProfiler] = {}
         self._staged: dict[tuple[str, str], list[float]] = {}
 
-    def attach(self, trainer: Engine, evaluator: Engine | None = None) -> "Profile":
+    def attach(self, trainer: Engine, evaluator: Engine | None = None) -> Profile:
         for label, engine in (("trainer", trainer), ("evaluator", evaluator)):
             if engine is None:
                 continue

@@ -36,7 +36,7 @@ class Progress:
         self.val_bar = ProgressBar(persist=False, desc="Validation")
         self._shown: dict[str, float] = {}
 
-    def attach(self, trainer: Engine, evaluator: Engine | None = None) -> "Progress":
+    def attach(self, trainer: Engine, evaluator: Engine | None = None) -> Progress:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.loss_every), self._read_loss)
         self.train_bar.attach(trainer, output_transform=lambda _: self._shown,
                               event_name=Events.ITERATION_COMPLETED(every=self.every))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import ignite.distributed as idist
 import torch
@@ -59,7 +59,7 @@ class GracefulStop:
     def exit_code(self) -> int | None:
         return None if self.received is None else 128 + self.received
 
-    def attach(self, trainer: Engine) -> "GracefulStop":
+    def attach(self, trainer: Engine) -> GracefulStop:
         self._trainer = trainer
         trainer.add_event_handler(Events.STARTED, self.install)
         trainer.add_event_handler(Events.TERMINATE, self._save)
@@ -181,7 +181,7 @@ class LastLines:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "LastLines":
+    def install(self) -> LastLines:
         _state.update(run=None, ended=None)
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)

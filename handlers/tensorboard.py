@@ -20,8 +20,9 @@ step appears twice. Events are flushed every ``flush_secs`` seconds and, complet
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
@@ -99,7 +100,7 @@ class TensorBoardLogging:
         self.writer = self.logger.writer
         queue_in_thread(self.writer)
 
-    def attach(self, trainer: Engine) -> "TensorBoardLogging":
+    def attach(self, trainer: Engine) -> TensorBoardLogging:
         if self.log_every:
             trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self.log_iteration)
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self.log_epoch, Stage.LOGGING)

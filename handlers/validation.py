@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from ignite.engine import Engine, Events
 
@@ -47,7 +47,7 @@ class Validation:
         """Whether ``epoch`` is a validation epoch."""
         return epoch % self.every == 0 or epoch == max_epochs
 
-    def attach(self, trainer: Engine) -> "Validation":
+    def attach(self, trainer: Engine) -> Validation:
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self, Stage.VALIDATION)
         return self
 

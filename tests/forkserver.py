@@ -10,8 +10,8 @@ by real signals and ending with the exit status a fresh ``python script.py`` wou
 code). The script and everything it imports beyond the four run in the child as in a fresh process.
 
 Not forked (run as a fresh interpreter by :mod:`subprocess`): anything but ``python FILE ...``,
-``python -c CODE ...`` and ``python -m MODULE ...``; an environment whose variables read at ``import torch`` (thread counts,
-devices, ``TORCH_*``/``PYTORCH_*``) differ from the server's; and everything when
+``python -c CODE ...`` and ``python -m MODULE ...``; an environment whose variables read at ``import torch``
+(thread counts, devices, ``TORCH_*``/``PYTORCH_*``) differ from the server's; and everything when
 ``TESTS_FORKSERVER=0`` (the same suite, every process fresh).
 """
 

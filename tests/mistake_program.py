@@ -10,12 +10,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from engine import RunSettings  # noqa: E402
-from handlers import cli, fit  # noqa: E402
+from engine import RunSettings
+from handlers import cli, fit
 
 CASES = ("ok", "float-targets", "target-out-of-range", "late-target-out-of-range", "lengths", "forward-bug",
          "getitem-bug", "nan-inputs", "regression-shapes", "empty-validation", "float64-inputs", "uint8-inputs",

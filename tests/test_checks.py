@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from engine import ConfigError
+from engine.batch import prepare_batch
 from engine.checks import (
     check_first_batches,
     class_balance,
@@ -19,7 +20,6 @@ from engine.checks import (
     probability_outputs,
     unregistered,
 )
-from engine.batch import prepare_batch
 
 CHECKS = dict(prepare_batch=prepare_batch, model_transform=None, loss_fn=nn.CrossEntropyLoss(), classification=True,
               device=torch.device("cpu"))

@@ -61,7 +61,7 @@ class SampleLog:
     def __init__(self) -> None:
         self.epochs: dict[int, set[bytes]] = {}
 
-    def attach(self, trainer) -> "SampleLog":
+    def attach(self, trainer) -> SampleLog:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
         return self
 
@@ -300,7 +300,7 @@ class ClassCount:
     def __init__(self, crash_at: int | None = None) -> None:
         self.counts, self.crash_at = torch.zeros(2), crash_at
 
-    def attach(self, trainer) -> "ClassCount":
+    def attach(self, trainer) -> ClassCount:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
         return self
 

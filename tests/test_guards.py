@@ -8,8 +8,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from engine import ConfigError, InMemoryLoader
-from engine.checks import BatchError, LabelGuard
 from engine.batch import prepare_batch
+from engine.checks import BatchError, LabelGuard
 from handlers.nan_guard import NanGuard
 
 

@@ -14,7 +14,8 @@ import gc, json, sys
 before = gc.get_stats()[2]["collections"]
 import engine, handlers
 print(json.dumps({"full": gc.get_stats()[2]["collections"] - before, "frozen": gc.get_freeze_count(),
-                  "enabled": gc.isenabled(), "torch": "torch" in sys.modules, "ignite": "ignite.engine" in sys.modules}))
+                  "enabled": gc.isenabled(), "torch": "torch" in sys.modules,
+                  "ignite": "ignite.engine" in sys.modules}))
 """
 
 AFTER = """\

@@ -102,7 +102,8 @@ def test_the_flipper_flips_one_bit_and_puts_it_back(tmp_path, checkpoint):
     assert (tmp_path / "last_iter=3.pt").read_bytes() == blob  # put back, even after a failed check
 
 
-@settings(max_examples=2000, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=2000, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_every_single_bit_flip_is_caught_or_harmless(tmp_path, checkpoint, data):
     blob, original = checkpoint

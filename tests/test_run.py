@@ -77,7 +77,7 @@ class Crash:
     def __init__(self, at: int) -> None:
         self.at = at
 
-    def attach(self, trainer: Engine) -> "Crash":
+    def attach(self, trainer: Engine) -> Crash:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=self.at), self)
         return self
 
@@ -117,7 +117,7 @@ class Counter:
     def __init__(self) -> None:
         self.count = 0
 
-    def attach(self, trainer: Engine, evaluator: Engine) -> "Counter":
+    def attach(self, trainer: Engine, evaluator: Engine) -> Counter:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: setattr(self, "count", self.count + 1))
         return self
 

@@ -40,7 +40,7 @@ class CountReads:
     def __init__(self) -> None:
         self.by_iteration: dict[int, Counter] = {}
 
-    def attach(self, trainer) -> "CountReads":
+    def attach(self, trainer) -> CountReads:
         fire = trainer._fire_event  # the engine's own dispatch of an event to its handlers (a test's look inside)
 
         def counted(event, *args, **kwargs):

@@ -107,7 +107,8 @@ def test_mixed_precision_trains_on_cpu(amp):
 def test_bad_options_are_refused_with_a_clear_message(kwargs, match):
     model = tiny_model()
     with pytest.raises(ConfigError, match=match):
-        create_trainer(model, torch.optim.Adam(model.parameters()), nn.CrossEntropyLoss(), **{"device": "cpu", **kwargs})
+        create_trainer(model, torch.optim.Adam(model.parameters()), nn.CrossEntropyLoss(),
+                       **{"device": "cpu", **kwargs})
 
 
 def test_device_auto_is_cpu_here_and_cuda_refused_without_gpu():

@@ -17,7 +17,7 @@ Original Traceback (most recent call last):
     raise KeyError(f"sample {i} is missing")
     ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
 KeyError: 'sample 40 is missing'
-''' % torch.utils.data.__file__
+''' % torch.utils.data.__file__  # noqa: UP031 (the text holds an f-string's braces)
 
 
 def test_library_files_are_pythons_installed_packages_and_ours():

@@ -17,17 +17,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from ignite.engine import Engine, Events  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import Dataset, IterableDataset, get_worker_info  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torchvision.transforms import v2
 
-from engine import RunSettings  # noqa: E402
-from engine.transforms import Compose, RandomCrop, RandomHorizontalFlip  # noqa: E402
-from examples.train_text import Reviews, TextClassifier, pad  # noqa: E402
-from handlers import cli, fit  # noqa: E402
+from engine import RunSettings
+from engine.transforms import Compose, RandomCrop, RandomHorizontalFlip
+from examples.train_text import Reviews, TextClassifier, pad
+from handlers import cli, fit
 
 KINDS = ("augment", "fast", "stream", "stream-stateless", "dict", "text", "lazy")
 
@@ -110,7 +110,7 @@ class KillAt:
     def __init__(self, at: int) -> None:
         self.at = at
 
-    def attach(self, trainer: Engine) -> "KillAt":
+    def attach(self, trainer: Engine) -> KillAt:
         kill = lambda _: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=self.at), kill)
         return self
@@ -126,7 +126,7 @@ class SignalAt:
     def __init__(self, at: int, again: str | None) -> None:
         self.at, self.again = at, again
 
-    def attach(self, trainer: Engine) -> "SignalAt":
+    def attach(self, trainer: Engine) -> SignalAt:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=self.at), self._first)
         return self
 
@@ -166,7 +166,7 @@ class Record:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def attach(self, trainer: Engine) -> "Record":
+    def attach(self, trainer: Engine) -> Record:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
         return self
 
@@ -183,7 +183,7 @@ class FirstBatch:
     def __init__(self, started: float) -> None:
         self.started = started
 
-    def attach(self, trainer: Engine) -> "FirstBatch":
+    def attach(self, trainer: Engine) -> FirstBatch:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), self)
         return self
 

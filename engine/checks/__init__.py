@@ -11,6 +11,6 @@ from engine.checks.guard import BatchError, LabelGuard, check_targets
 from engine.checks.lints import class_balance, has_batch_norm, pixel_scale, probability_outputs, unregistered
 from engine.checks.preflight import BatchCheck, check_batch, check_first_batches, peek_batch
 
-__all__ = ["BatchCheck", "BatchError", "LabelGuard", "check_batch", "check_first_batches", "check_targets", "class_balance",
-           "diagnose", "has_batch_norm", "input_mismatch", "peek_batch", "pixel_scale", "probability_outputs",
-           "unregistered"]
+__all__ = ["BatchCheck", "BatchError", "LabelGuard", "check_batch", "check_first_batches", "check_targets",
+           "class_balance", "diagnose", "has_batch_norm", "input_mismatch", "peek_batch", "pixel_scale",
+           "probability_outputs", "unregistered"]

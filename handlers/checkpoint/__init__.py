@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import ignite.distributed as idist
 import torch
@@ -172,12 +173,12 @@ class TrainingCheckpoint:
         self.saver = SafeDiskSaver(self.dirname)
         base = {**to_save, "meta": _Meta(self.trainer, metric)}
         other_of_best, other_of_last = _Bookkeeping(), _Bookkeeping()
-        sign = 1.0 if mode == "max" else -1.0
+        score = Checkpoint.get_default_score_fn(metric, 1.0 if mode == "max" else -1.0)
         self.best = Checkpoint(
             {**base, "other_checkpointer": other_of_best},
             self.saver,
             filename_prefix="best",
-            score_function=lambda engine: sign * float(engine.state.metrics[metric]),
+            score_function=lambda engine: float(score(engine)),
             score_name=metric,
             n_saved=n_saved,
             global_step_transform=lambda engine, _: engine.state.epoch,
@@ -198,7 +199,7 @@ class TrainingCheckpoint:
             for stale in self.dirname.glob(".tmp-*.pt.part"):  # left by a process killed while saving
                 stale.unlink(missing_ok=True)
 
-    def attach(self, trainer: Engine) -> "TrainingCheckpoint":
+    def attach(self, trainer: Engine) -> TrainingCheckpoint:
         """Save at each epoch end (Stage.CHECKPOINT) and every ``every_iters`` iterations."""
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self, Stage.CHECKPOINT)
         if self.every_iters:
@@ -246,8 +247,8 @@ class TrainingCheckpoint:
     @property
     def last_path(self) -> Path | None:
         """The newest ``last`` file."""
-        items = checkpoint_items(self.last)
-        return self.dirname / items[-1].filename if items else None
+        last = self.last.last_checkpoint
+        return self.dirname / Path(last).name if last is not None else None
 
     def load_bookkeeping(self, checkpoint: Mapping[str, Any], path: Path) -> None:
         """Restore both rotations from a file written by this class; forget files no longer there."""

@@ -27,7 +27,8 @@ from engine.files import write_json_atomic
 from engine.run_lock import RunLock
 from engine.settings import RunSettings
 from handlers.checkpoint import TrainingCheckpoint, load_checkpoint
-from handlers.checkpoint.resume import data_order, resume
+from handlers.checkpoint.compatible import check_resumable
+from handlers.checkpoint.resume import data_order, resume, resume_point
 from handlers.console import ConsoleLogger, quiet_ignite, write_line
 from handlers.early_stopping import EarlyStopping
 from handlers.history import History
@@ -39,7 +40,7 @@ from handlers.profile import Profile
 from handlers.progress import Progress, progress_wanted
 from handlers.rng import RNGState
 from handlers.run import Run
-from handlers.run_folder import check_output_dir, clear_failed_start, failed_start, make_output_dir
+from handlers.run_folder import check_output_dir, clear_failed_start, failed_start, make_output_dir, saved_config
 from handlers.signals import GracefulStop
 from handlers.tensorboard import MisclassifiedCollector, TensorBoardLogging
 from handlers.validation import Validation
@@ -111,10 +112,11 @@ def attach_run(
             raise ValueError(f"to_save must hold {key!r}")
     out, given = _folder_and_resume_file(settings, name)
     run = Run(trainer, evaluator, train_loader, settings, out, classification, device, val_loader)
+    point = _resume_point(run, given)  # checked against the saved settings before the folder is touched
     _take_folder(run)
     try:
         _attach_handlers(run, to_save, val_loader, handlers, train_loss_fn, view)
-        run.resumed_from = resume(run.checkpoint, run.to_save, trainer, settings.resume, given,
+        run.resumed_from = resume(run.checkpoint, run.to_save, trainer, point,
                                   exact_on_device=not run.device.is_cuda or settings.deterministic)
         _write_config(run, extra_config)
         _attach_records(run, to_save["model"], view, denormalize)
@@ -135,6 +137,28 @@ def _folder_and_resume_file(settings: RunSettings, name: str) -> tuple[Path, tup
         return out, None
     path = Path(settings.resume)
     return out, (path, load_checkpoint(path, log=write_line))
+
+
+def _resume_point(run: Run, given: tuple[Path, dict] | None) -> tuple[Path, dict] | None:
+    """The checkpoint to continue from (:func:`~handlers.checkpoint.resume.resume_point`), refused in one
+    line if the settings or the data changed what its position means; other changed settings said."""
+    point = resume_point(run.output_dir / "checkpoints", run.settings.resume, given)
+    if point is None:
+        return None
+    resolved = {"monitor": run.monitor, "mode": run.mode, "device": str(run.device.device)}
+    changed = check_resumable(saved_config(run.output_dir), run.settings, point[1], _loader_length(run.train_loader),
+                              resolved)
+    if changed:
+        write_line(f"Resuming with settings changed since the checkpoint: {', '.join(changed)} (from here on; "
+                   f"recorded in config.json)")
+    return point
+
+
+def _loader_length(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:  # a stream of unknown length
+        return None
 
 
 def _take_folder(run: Run) -> None:

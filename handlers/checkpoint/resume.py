@@ -15,7 +15,7 @@ from engine.errors import ConfigError, param
 from handlers.checkpoint.loading import find_resume_checkpoint, restore
 from handlers.console import write_line
 
-__all__ = ["data_order", "resume"]
+__all__ = ["data_order", "resume", "resume_point"]
 
 
 def data_order(train_loader: Iterable, trainer: Engine | None) -> Any | None:
@@ -40,22 +40,28 @@ def _agree_on(path: Path | None, checkpoints: Path) -> None:
                           f"{param('output_dir')} must be one folder that every process sees (a shared filesystem)")
 
 
-def resume(checkpoint: Any, to_save: Mapping[str, Any], trainer: Engine, resume: str | None,
-           given: tuple[Path, dict] | None, *, exact_on_device: bool = True) -> Path | None:
-    """Restore ``to_save`` (and ``checkpoint``'s bookkeeping of its files) from the file to continue from:
-    ``given`` (a path's loaded state) or, with ``resume="auto"``, the newest valid one in the checkpoint
-    folder; every process must find the same. Says where the run stands; the file, or ``None``.
-    ``exact_on_device``: false where a resume cannot be bit-exact (CUDA without deterministic kernels): said."""
-    checkpoints = Path(checkpoint.dirname)
-    if resume == "auto":
-        given = find_resume_checkpoint(checkpoints, log=write_line)
-        if given is None:
-            write_line(f"No checkpoint in {checkpoints}: starting a new run")
+def resume_point(checkpoints: Path, resume: str | None, given: tuple[Path, dict] | None) -> tuple[Path, dict] | None:
+    """The checkpoint to continue from and its loaded state: ``given`` (a path's), or with ``resume="auto"``
+    the newest valid one in ``checkpoints`` (``None``, said in a line, when there is none: a new run)."""
+    if resume != "auto":
+        return given
+    found = find_resume_checkpoint(checkpoints, log=write_line)
+    if found is None:
+        write_line(f"No checkpoint in {checkpoints}: starting a new run")
+    return found
+
+
+def resume(checkpoint: Any, to_save: Mapping[str, Any], trainer: Engine, point: tuple[Path, dict] | None, *,
+           exact_on_device: bool = True) -> Path | None:
+    """Restore ``to_save`` (and ``checkpoint``'s bookkeeping of its files) from ``point`` (see
+    :func:`resume_point`); every process must resume from the same file. Says where the run stands; the
+    file, or ``None``. ``exact_on_device``: false where a resume cannot be bit-exact (CUDA without
+    deterministic kernels): said in a line."""
     if idist.get_world_size() > 1:
-        _agree_on(given[0] if given else None, checkpoints)
-    if given is None:
+        _agree_on(point[0] if point else None, Path(checkpoint.dirname))
+    if point is None:
         return None
-    path, state = given
+    path, state = point
     restore(to_save, state, path)
     checkpoint.load_bookkeeping(state, path)
     write_line(f"Resumed from {path} ({_place(trainer.state)})")

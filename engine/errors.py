@@ -11,6 +11,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_PEER",
     "EXIT_SAVE",
+    "EXIT_STALL",
     "EXIT_USAGE",
     "CheckpointError",
     "CheckpointSaveError",
@@ -21,6 +22,7 @@ __all__ = [
 
 EXIT_OK, EXIT_SAVE, EXIT_USAGE, EXIT_NAN = 0, 1, 2, 3  # and 128 + signal (130, 143) for a stop signal
 EXIT_PEER = 4  # another process of a distributed run died
+EXIT_STALL = 5  # no batch came (or a step did not return) for settings.stall_timeout seconds
 
 
 _flags: dict[str, str] = {}  # setting -> command-line flag, while a command-line layer runs

@@ -47,7 +47,8 @@ class RunSettings:
             ``amp`` (``None`` or ``"fp32"``: full precision; ``"auto"``: bf16
             where the hardware computes it natively, else fp32; ``"bf16"``, ``"fp16"``),
             ``accumulation_steps``, ``clip_grad_norm``,
-            ``channels_last``, ``compile``, ``threads``.
+            ``channels_last``, ``compile``, ``threads``, ``stall_timeout`` (seconds without a new batch
+            or a finished step before the run ends with exit code 5, naming where; 0: never).
         distributed: ``nproc_per_node`` (spawn that many processes here), ``backend``.
         extras: ``find_lr`` (run the LR finder, write its curve and suggestion, train nothing;
             ``lr="find"``: run it, then train at its suggestion), ``ema`` (validate, early-stop and
@@ -97,6 +98,7 @@ class RunSettings:
     channels_last: bool = False
     compile: bool = False
     threads: int | None = None
+    stall_timeout: float = 600.0
     nproc_per_node: int | None = None
     backend: str | None = None
     find_lr: bool = False
@@ -133,7 +135,7 @@ class RunSettings:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
                 raise ConfigError(f"{param(name)} is a moment decay of Adam, a number in [0, 1) (e.g. 0.9), "
                                   f"got {value!r}")
-        for name in ("weight_decay", "label_smoothing", "min_delta", "warmup_epochs"):
+        for name in ("weight_decay", "label_smoothing", "min_delta", "warmup_epochs", "stall_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{param(name)} must be a finite number >= 0, got {value!r}")

@@ -20,7 +20,7 @@ from ignite.handlers import Checkpoint
 
 __all__ = ["add_hparams_fast", "add_image_fast", "add_scalars_fast", "checkpoint_items", "exception_handler_count",
            "flush_tensorboardx", "inductor_default_cache", "load_engine_state", "move_metric_state",
-           "queue_in_thread", "release_workers", "set_checkpoint_items", "stream_progress"]
+           "queue_in_thread", "release_workers", "set_checkpoint_items", "stream_progress", "waiting_on_worker"]
 
 
 def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
@@ -183,3 +183,37 @@ def stream_progress(loader_state: Mapping[str, Any]) -> tuple[int, bool]:
     """From a ``StatefulDataLoader.state_dict()``: batches handed out in the current pass, and whether
     that pass had ended."""
     return int(loader_state.get("_num_yielded") or 0), bool(loader_state.get("_iterator_finished"))
+
+
+def waiting_on_worker(engine: Engine) -> tuple[int, int | None] | None:
+    """The DataLoader worker ``engine`` waits on for its next batch: ``(worker id, pid)``; ``None`` where the
+    loader has no workers. Reads Ignite's ``_dataloader_iter`` and the multiprocessing iterator's
+    ``_rcvd_idx``/``_task_info``/``_workers`` (PyTorch's, and torchdata's ``StatefulDataLoader``'s), through
+    a stream's or a loader's wrapper (``_iterator``, a generator's locals)."""
+    iterator = _worker_iterator(getattr(engine, "_dataloader_iter", None), depth=4)
+    if iterator is None:
+        return None
+    info = iterator._task_info.get(iterator._rcvd_idx)
+    if not info:
+        return None
+    worker = int(info[0])
+    workers = getattr(iterator, "_workers", [])
+    return worker, (workers[worker].pid if worker < len(workers) else None)
+
+
+def _worker_iterator(value: Any, depth: int) -> Any:
+    """The multiprocessing DataLoader iterator held by ``value`` (itself, an attribute, a generator's local)."""
+    if value is None or depth < 0:
+        return None
+    if hasattr(value, "_task_info") and hasattr(value, "_rcvd_idx"):
+        return value
+    held = [getattr(value, name, None) for name in ("_iterator", "iterator", "_it", "loader")]
+    frame = getattr(value, "gi_frame", None)
+    if frame is not None:
+        held += list(frame.f_locals.values())
+    for candidate in held:
+        if candidate is not None and candidate is not value:
+            found = _worker_iterator(candidate, depth - 1)
+            if found is not None:
+                return found
+    return None

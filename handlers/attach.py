@@ -44,6 +44,7 @@ from handlers.run_folder import check_output_dir, clear_failed_start, failed_sta
 from handlers.signals import GracefulStop
 from handlers.tensorboard import MisclassifiedCollector, TensorBoardLogging
 from handlers.validation import Validation
+from handlers.watchdog import StallWatchdog
 
 __all__ = ["attach_run"]
 
@@ -243,6 +244,7 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
                                         n_saved=s.n_saved, every_iters=s.save_every_iters,
                                         skip_if=lambda: run.nan_guard.triggered).attach(trainer)
     run.stop = GracefulStop(run.checkpoint, log=write_line).attach(trainer)
+    run.watchdog = StallWatchdog(s.stall_timeout, kept=lambda: run.checkpoint.last_path).attach(trainer, evaluator)
     ConsoleLogger(run.train_metrics, log_every=s.log_every).attach(trainer)
     if progress_wanted(not s.progress):
         Progress(loss_every=read_every).attach(trainer, evaluator)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable, Mapping
@@ -50,10 +51,15 @@ def flush_output() -> None:
 
 
 def write_line(message: str) -> None:
-    """Print one line on rank 0, above any tqdm bar rather than through it."""
+    """Print one line on rank 0, above any tqdm bar rather than through it. Where the reader is gone (a closed
+    terminal after SIGHUP: EIO; a closed pipe: EPIPE) the line is dropped: the run goes on to its checkpoint."""
     if idist.get_rank() == 0:
-        tqdm.write(message, file=sys.stdout)
-        sys.stdout.flush()
+        try:
+            tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EPIPE):
+                raise
 
 
 class ConsoleLogger:

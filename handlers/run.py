@@ -32,6 +32,7 @@ from handlers.nan_guard import NanGuard
 from handlers.profile import Profile
 from handlers.signals import GracefulStop
 from handlers.tensorboard import TensorBoardLogging
+from handlers.watchdog import StallWatchdog
 
 __all__ = ["Run", "RunResult"]
 
@@ -91,6 +92,7 @@ class Run:
         self.stop: GracefulStop | None = None
         self.tensorboard: TensorBoardLogging | None = None
         self.profile: Profile | None = None
+        self.watchdog: StallWatchdog | None = None
 
     @property
     def done(self) -> bool:
@@ -196,6 +198,8 @@ class Run:
     def close(self, signals: bool = True) -> None:
         """Put the signal handlers back (unless ``signals`` is false: the summary is still to come), close
         TensorBoard, release the run folder (idempotent)."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if signals and self.stop is not None:
             self.stop.uninstall()
         if self.tensorboard is not None:

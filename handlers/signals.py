@@ -1,4 +1,5 @@
-"""Stop on SIGTERM or SIGINT (Ctrl-C) with a checkpoint of the current iteration."""
+"""Stop on SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption, ``kill``) or SIGHUP (a closed terminal, a
+dropped ssh session) with a checkpoint of the current iteration."""
 
 from __future__ import annotations
 
@@ -17,15 +18,18 @@ from handlers.adapters import exception_handler_count
 from handlers.checkpoint import TrainingCheckpoint
 from handlers.console import flush_output
 
-__all__ = ["GracefulStop", "LastLines", "StopSignal"]
+__all__ = ["STOP_SIGNALS", "GracefulStop", "LastLines", "StopSignal"]
+
+# the signals that stop a run with a checkpoint (SIGHUP where the system has it: not on Windows)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 _MID_ITERATION = (Events.GET_BATCH_STARTED, Events.GET_BATCH_COMPLETED, Events.ITERATION_STARTED)
 
 
 class GracefulStop:
-    """On the first SIGTERM or SIGINT: finish the running iteration, save ``last`` there, stop the run.
+    """On the first SIGTERM, SIGINT or SIGHUP: finish the running iteration, save ``last`` there, stop the run.
 
-    ``exit_code`` is then ``128 + signal`` (130 for SIGINT, 143 for SIGTERM). The handlers are
+    ``exit_code`` is then ``128 + signal`` (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP). The handlers are
     installed when the trainer starts and stay until the run has printed its last line (:meth:`uninstall`,
     called by the run, also when it ends by an exception, which still propagates). Every signal is
     answered by a true line, by where the run is (:attr:`phase`):
@@ -44,7 +48,7 @@ class GracefulStop:
         self,
         checkpoint: TrainingCheckpoint | None,
         log: Callable[[str], None] = print,
-        signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+        signals: tuple[int, ...] = STOP_SIGNALS,
     ) -> None:
         self.checkpoint = checkpoint
         self.log = log
@@ -171,9 +175,9 @@ class StopSignal(KeyboardInterrupt):
 
 
 class LastLines:
-    """The command line's handlers for SIGINT and SIGTERM, from its start to the process's exit, around
-    the runs (each run's :class:`GracefulStop` takes over while it runs). Before any run has started,
-    a signal interrupts (a :class:`StopSignal`: nothing was saved); after a run has ended, it is
+    """The command line's handlers for the stop signals (SIGINT, SIGTERM, SIGHUP), from its start to the
+    process's exit, around the runs (each run's :class:`GracefulStop` takes over while it runs). Before any
+    run has started, a signal interrupts (a :class:`StopSignal`: nothing was saved); after a run has ended, it is
     recorded and answered by one true line, and :attr:`received` gives the exit code; nothing raises."""
 
     def __init__(self, log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> None:
@@ -183,7 +187,7 @@ class LastLines:
 
     def install(self) -> LastLines:
         _state.update(run=None, ended=None)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import io
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -34,6 +35,8 @@ SCRIPT = ROOT / "examples" / "train_mnist.py"
 MNIST_FILES = [f"{p}-{k}-idx{3 if k == 'images' else 1}-ubyte" for p in ("train", "t10k") for k in ("images", "labels")]
 _found: dict[str, object] = {}  # "root": Path or None, "reason": why not, once per session
 NOT_FOUND = "MNIST not found and not downloadable"
+# a run's stop signals (handlers.signals.STOP_SIGNALS; not imported here: torch must not start before the above)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def _holds_mnist(folder: Path) -> bool:
@@ -123,11 +126,9 @@ def pytest_collection_modifyitems(items: list) -> None:
 
 @pytest.fixture(autouse=True)
 def _signal_handlers_put_back():
-    """``cli.main`` keeps its SIGINT/SIGTERM handlers until its process exits: a test that calls it in this
+    """``cli.main`` keeps its stop signals' handlers until its process exits: a test that calls it in this
     process gets the worker's own back afterwards, as the next process would start with them."""
-    import signal
-
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
@@ -162,12 +163,10 @@ def in_process(main: Callable[[list[str]], int], argv: list[str],
     second case of a refusal already tested as a real process). ``MNIST_ROOT`` is unset meanwhile, as
     ``run_script`` unsets it, and ``env`` set; both, torch's thread count (``--threads``) and the signal
     handlers (a program's stay until its process exits) are put back afterwards."""
-    import signal
-
     import torch  # here, not at the top: a worker's OMP_NUM_THREADS is set before torch starts
 
     out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # cli.main's stay until exit
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}  # cli.main's stay until exit
     with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         os.environ.pop("MNIST_ROOT", None)  # the whole environment is put back on leaving
         try:

@@ -32,6 +32,7 @@ from handlers.checkpoint.resume import data_order, resume, resume_point
 from handlers.console import ConsoleLogger, quiet_ignite, write_line
 from handlers.early_stopping import EarlyStopping
 from handlers.history import History
+from handlers.loaders import data_route_of
 from handlers.lr_schedule import LRSchedule
 from handlers.metrics import AccuracyView, TrainMetrics
 from handlers.model_summary import ModelSummary, summary_line
@@ -146,8 +147,9 @@ def _resume_point(run: Run, given: tuple[Path, dict] | None) -> tuple[Path, dict
     point = resume_point(run.output_dir / "checkpoints", run.settings.resume, given)
     if point is None:
         return None
-    resolved = {"monitor": run.monitor, "mode": run.mode, "device": str(run.device.device)}
-    changed = check_resumable(saved_config(run.output_dir), run.settings, point[1], _loader_length(run.train_loader),
+    resolved = {"monitor": run.monitor, "mode": run.mode, "device": str(run.device.device),
+                "data_route": data_route_of(run.train_loader)}
+    changed = check_resumable(saved_config(run.output_dir), run.settings, point, _loader_length(run.train_loader),
                               resolved)
     if changed:
         write_line(f"Resuming with settings changed since the checkpoint: {', '.join(changed)} (from here on; "
@@ -176,7 +178,8 @@ def _take_folder(run: Run) -> None:
 def _write_config(run: Run, extra_config: Mapping[str, Any] | None) -> None:
     """``config.json``: the settings, what the caller adds, and the run's own records."""
     run.config = {**run.settings.to_dict(), **(extra_config or {}), "output_dir": str(run.output_dir),
-                  "world_size": idist.get_world_size(), "monitor": run.monitor, "mode": run.mode}
+                  "world_size": idist.get_world_size(), "monitor": run.monitor, "mode": run.mode,
+                  "data_route": data_route_of(run.train_loader)}
     if run.resumed_from is not None:
         run.config["resumed_from"] = str(run.resumed_from)
     if idist.get_rank() == 0:

@@ -20,7 +20,7 @@ from engine.stream import StreamLoader, WorkerShardCheck, is_stateful_stream, ma
 from handlers.adapters import stream_progress
 from handlers.console import write_line
 
-__all__ = ["Data", "data_route", "eval_loader", "labels_of", "make_loaders", "read_into_memory"]
+__all__ = ["Data", "data_route", "data_route_of", "eval_loader", "labels_of", "make_loaders", "read_into_memory"]
 
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
@@ -88,6 +88,14 @@ def data_route(data: Data, data_path: str, name: str = "training") -> str:
     if data_path == "auto":
         return "memory" if _tensor_pair(data, name) is not None else "loader"
     return data_path
+
+
+def data_route_of(loader: Any) -> str:
+    """The route a training loader takes (as :func:`data_route` names it): ``memory`` for an
+    ``InMemoryLoader``, ``stream`` for a ``StreamLoader``, ``loader`` for anything else (a ``DataLoader``)."""
+    if isinstance(loader, InMemoryLoader):
+        return "memory"
+    return "stream" if isinstance(loader, StreamLoader) else "loader"
 
 
 def _nbytes(value: Any) -> int:

@@ -20,6 +20,8 @@ step appears twice. Events are flushed every ``flush_secs`` seconds and, complet
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -96,7 +98,12 @@ class TensorBoardLogging:
         self.denormalize = denormalize
         self.history = history
         self.images_every = images_every
-        self.logger = TensorboardLogger(log_dir=str(self.log_dir), purge_step=purge_step, flush_secs=flush_secs)
+        # tensorboardX names a file by the second it was made and the host: a resumed run started in the same
+        # second (a quick restart) would truncate its predecessor's file. The suffix (nanoseconds, then the pid)
+        # keeps every file, in the order they were made, which is the order TensorBoard's purge reads them in.
+        suffix = f".{time.time_ns():020d}.{os.getpid()}"
+        self.logger = TensorboardLogger(log_dir=str(self.log_dir), purge_step=purge_step, flush_secs=flush_secs,
+                                        filename_suffix=suffix)
         self.writer = self.logger.writer
         queue_in_thread(self.writer)
 

@@ -143,8 +143,8 @@ class StallWatchdog:
         found = _user_frame(frame)
         if found is None:
             return ""
-        name, index, place = found
-        return f": {name}({index!r}) at {place}" if index is not None else f": {name} at {place}"
+        name, index, location = found
+        return f": {name}({index!r}) at {location}" if index is not None else f": {name} at {location}"
 
 
 def _user_frame(frame: FrameType | None) -> tuple[str, Any, str] | None:
@@ -157,9 +157,9 @@ def _user_frame(frame: FrameType | None) -> tuple[str, Any, str] | None:
             index = None
             if code.co_name == "__getitem__" and code.co_argcount >= 2:
                 index = frame.f_locals.get(code.co_varnames[1])
-            place = f"{code.co_filename}:{frame.f_lineno}"
+            location = f"{code.co_filename}:{frame.f_lineno}"
             if code.co_name in ("__getitem__", "__getitems__", "__iter__", "__next__"):
-                return code.co_name, index, place
-            fallback = fallback or (code.co_name, None, place)
+                return code.co_name, index, location
+            fallback = fallback or (code.co_name, None, location)
         frame = frame.f_back
     return fallback

@@ -240,3 +240,10 @@ def test_cutmix_and_mixup_as_a_pair_transform_train_and_resume_exactly_after_a_c
     a, b = straight_net.state_dict(), resumed_net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert 0 < straight.history[-1]["train_accuracy"] < 1  # soft targets, read by their most likely class
+
+
+def test_a_best_checkpoint_of_a_loss_is_named_by_the_loss_as_it_is(tmp_path):
+    result, _ = regress(tmp_path, epochs=3)
+    best = min(result.history, key=lambda r: r["val_loss"])
+    assert result.best_path.name == f"best_epoch={best['epoch']}_val_loss={best['val_loss']:.4f}.pt"
+    assert all("=-" not in p.name for p in (tmp_path / "run" / "checkpoints").glob("best_*.pt"))

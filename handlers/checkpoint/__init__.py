@@ -123,6 +123,11 @@ def _os_error_in(exc: BaseException | None) -> OSError | None:
     return None
 
 
+def _shown(engine: Engine, metric: str) -> str:
+    """The watched metric's value as a best checkpoint's name shows it (four decimals, its own sign)."""
+    return f"{float(engine.state.metrics[metric]):.4f}"
+
+
 def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
@@ -135,8 +140,9 @@ class TrainingCheckpoint:
     ``to_save`` maps names to objects with ``state_dict``; it must hold ``"model"`` and ``"trainer"``.
     Each file also holds the rotation bookkeeping and a format marker, and loads with
     ``torch.load(path, weights_only=True)``. ``skip_if`` (e.g. a tripped NaN guard) vetoes a save.
-    With ``mode="min"`` the lowest score is best; the score in the file name is then negated
-    (Ignite's convention: the kept files are those of highest priority).
+    With ``mode="min"`` the lowest score is best (Ignite keeps the files of highest priority: the score
+    negated); the name shows the score as it is (``best_epoch=5_val_loss=0.1545.pt``). Older runs'
+    files, named by the negated score, are read and rotated alike (the bookkeeping keeps the priorities).
     """
 
     def __init__(
@@ -181,8 +187,9 @@ class TrainingCheckpoint:
             score_function=lambda engine: float(score(engine)),
             score_name=metric,
             n_saved=n_saved,
-            global_step_transform=lambda engine, _: engine.state.epoch,
-            filename_pattern="{filename_prefix}_epoch={global_step}_{score_name}={score}.{ext}",
+            # the name shows the metric as it is: Ignite's {score} is the priority, negated for mode="min"
+            global_step_transform=lambda engine, _: f"{engine.state.epoch}_{metric}={_shown(engine, metric)}",
+            filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
             include_self=True,
         )
         self.last = Checkpoint(

@@ -6,10 +6,12 @@ in one line and recorded (the new ``config.json``)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError, param
 from engine.settings import RunSettings
+from handlers.checkpoint.loading import check_world_size
 
 __all__ = ["POSITION_SETTINGS", "check_resumable"]
 
@@ -17,24 +19,33 @@ __all__ = ["POSITION_SETTINGS", "check_resumable"]
 POSITION_SETTINGS = {
     "batch_size": "the samples each iteration took",
     "seed": "the order of the data (and each batch's random draws)",
-    "data_path": "how the data is read, and so its order",
     "limit_train_batches": "the batches each epoch holds",
     "epoch_length": "the batches each epoch of the stream holds",
     "accumulation_steps": "where each window of accumulated gradients begins",
 }
-_NOT_COMPARED = {"output_dir", "resume"}  # where and whether: what a resume is
+_NOT_COMPARED = {"output_dir", "resume", "data_path"}  # where and whether: what a resume is; the route instead
+_ROUTES = {"memory": "into memory", "loader": "through a DataLoader", "stream": "as a stream"}
 _SAME = {"torchvision": "loader"}  # old names
 
 
-def check_resumable(saved: Mapping[str, Any] | None, settings: RunSettings, state: Mapping[str, Any],
+def check_resumable(saved: Mapping[str, Any] | None, settings: RunSettings, point: tuple[Path, Mapping[str, Any]],
                     epoch_length: int | None, resolved: Mapping[str, Any] | None = None) -> list[str]:  # fmt: skip
     """Refuse (a :class:`ConfigError`) a resume whose settings move the saved position: a setting of
     :data:`POSITION_SETTINGS` changed since ``saved`` (the run's ``config.json``), or training data of
     another length per epoch than the checkpoint's ``state`` was written with. Returns the other changes,
     each as ``"--flag old -> new"``. ``resolved``: the values the run decided for settings left to it
-    (``monitor``, ``mode``, ``device``), which ``config.json`` records in their place."""
+    (``monitor``, ``mode``, ``device``, the training data's route), which ``config.json`` records."""
+    path, state = point
+    check_world_size(state, path)  # the number of processes first: each had its own position
     current = {**settings.to_dict(), **(resolved or {})}
     if saved is not None:
+        route, was = current.get("data_route"), saved.get("data_route")
+        if route and was and route != was:
+            raise ConfigError(
+                f"the training data was read {_ROUTES.get(was, was)} when this run was saved and is read "
+                f"{_ROUTES.get(route, route)} now ({param('data_path')}): the order of its samples differs, so the "
+                f"checkpoint's position would point at other samples; resume with {param('data_path', was)}, or "
+                f"start a new run in another {param('output_dir')}")
         for name, meaning in POSITION_SETTINGS.items():
             if name in saved and name in current and _norm(saved[name]) != _norm(current[name]):
                 raise ConfigError(

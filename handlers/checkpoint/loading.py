@@ -30,6 +30,7 @@ __all__ = [
     "find_resume_checkpoint",
     "last_checkpoints",
     "load_checkpoint",
+    "check_world_size",
     "restore",
     "verify_checkpoint",
 ]
@@ -127,11 +128,8 @@ def find_resume_checkpoint(dirname: str | Path, log: Callable[[str], None] = pri
     raise CheckpointError(f"no valid checkpoint in {dirname}: " + "; ".join(errors))
 
 
-def restore(to_load: Mapping[str, Any], checkpoint: Mapping[str, Any], path: str | Path) -> None:
-    """Load each object of ``to_load`` from ``checkpoint``; a mismatch becomes one clear error."""
-    missing = [k for k in to_load if k not in checkpoint]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}: it was made with other settings")
+def check_world_size(checkpoint: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse (a :class:`CheckpointError`) a checkpoint written by a run of another number of processes."""
     meta = checkpoint.get("meta")
     saved_world = meta.get("world_size") if isinstance(meta, Mapping) else None
     world = idist.get_world_size()
@@ -141,6 +139,14 @@ def restore(to_load: Mapping[str, Any], checkpoint: Mapping[str, Any], path: str
             f"with {saved_world} (torchrun --nnodes x --nproc-per-node = {saved_world}, or --nproc-per-node "
             f"{saved_world}), so that each process gets back its own data position, RNG and metric sums"
         )
+
+
+def restore(to_load: Mapping[str, Any], checkpoint: Mapping[str, Any], path: str | Path) -> None:
+    """Load each object of ``to_load`` from ``checkpoint``; a mismatch becomes one clear error."""
+    missing = [k for k in to_load if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}: it was made with other settings")
+    check_world_size(checkpoint, path)
     model_state = checkpoint["model"]
     model = to_load.get("model")
     if model is not None:

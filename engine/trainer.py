@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from torch import nn
 
 from engine.amp import autocast_context, make_grad_scaler
@@ -91,6 +91,9 @@ class TrainStep:
         self.pair_transform = pair_transform
         self.seed = seed
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self.lr: Any = optimizer.param_groups[0]["lr"]  # the learning rate of the latest step
+        self._window = accumulation_steps  # the size of the accumulation window under way
+        self._pending = 0  # batches accumulated since the last optimizer step
         self._wrapped = _innermost(model)
         autocast_context(device, amp)  # validates ``amp`` now rather than at the first batch
 
@@ -98,6 +101,7 @@ class TrainStep:
         model, optimizer, acc = self.model, self.optimizer, self.accumulation_steps
         if not self._wrapped.training:  # an evaluator switched the model (or the module inside DDP) to eval
             model.train()
+        self.lr = optimizer.param_groups[0]["lr"]  # what this iteration's step uses (schedules set it before)
         x, y = self.prepare_batch(batch, self.device, self.non_blocking)
         iteration = engine.state.iteration
         if self.batch_transform is not None:
@@ -107,12 +111,19 @@ class TrainStep:
                 x, y = self.pair_transform(x, y)
         if self.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        if acc == 1 or (iteration - 1) % acc == 0:
+        start, last = True, True
+        if acc > 1:  # windows of acc batches within an epoch; one cut short by the epoch's end counts its own size
+            length = engine.state.epoch_length
+            position = (iteration % length or length) if length else iteration  # 1-based, in the epoch
+            start, last = (position - 1) % acc == 0, position % acc == 0 or position == length
+            if start:
+                self._window = min(acc, length - position + 1) if length else acc
+        if start:
             optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.device, self.amp):
             y_pred = predict(model, x, self.model_transform, self.model_fn)
             loss = self.loss_fn(y_pred, y)
-        scaled = loss / acc if acc > 1 else loss
+        scaled = loss / self._window if acc > 1 else loss
         if self.scaler is not None:
             self.scaler.scale(scaled).backward()
         else:
@@ -121,19 +132,39 @@ class TrainStep:
         if self.output_transform is not None:
             seen, target = self.output_transform(x, y, seen)
         output = {"loss": loss.detach(), "y_pred": seen, "y": target, "batch_size": len(target)}
-        if iteration % acc == 0:
-            if self.scaler is not None:
-                self.scaler.unscale_(optimizer)
-            if self.clip_grad_norm is not None:
-                output["grad_norm"] = nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
-            elif self.grad_norm_every and iteration % self.grad_norm_every == 0:
-                output["grad_norm"] = _total_norm(self._params)
-            if self.scaler is not None:
-                self.scaler.step(optimizer)
-                self.scaler.update()
-            else:
-                optimizer.step()
+        if last:
+            self._pending = 0
+            self._optimizer_step(output, iteration)
+        else:
+            self._pending += 1
         return output
+
+    def _optimizer_step(self, output: dict[str, Any], iteration: int) -> None:
+        """Unscale (fp16), clip or measure the gradients' norm, step the optimizer."""
+        optimizer = self.optimizer
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if self.clip_grad_norm is not None:
+            output["grad_norm"] = nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
+        elif self.grad_norm_every and iteration % self.grad_norm_every == 0:
+            output["grad_norm"] = _total_norm(self._params)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def finish_window(self, engine: Engine) -> None:
+        """At an epoch's end whose length was not known in advance (a stream's first pass): the window the
+        pass cut short is stepped, its gradients scaled from ``1 / accumulation_steps`` to ``1 / its size``."""
+        if not self._pending:
+            return
+        factor = self.accumulation_steps / self._pending
+        for param in self._params:
+            if param.grad is not None:
+                param.grad.mul_(factor)
+        self._pending = 0
+        self._optimizer_step({}, engine.state.iteration)
 
 
 def predict(model: nn.Module, x: Any, model_transform: Callable[[Any], torch.Tensor] | None = None,
@@ -251,6 +282,8 @@ def create_trainer(
         model_fn=model_fn,
     )
     engine = Engine(step)
+    if accumulation_steps > 1:  # a stream's first pass, of unknown length, may end inside a window
+        engine.add_event_handler(Events.EPOCH_COMPLETED, step.finish_window)
     engine.train_step = step
     engine.scaler = scaler
     return engine

@@ -195,10 +195,11 @@ def _attach_records(run: Run, model: Any, view: AccuracyView, denormalize: Calla
     if s.tensorboard and rank == 0:
         iteration = trainer.state.iteration
         run.tensorboard = TensorBoardLogging(
-            run.output_dir / "tb", log_every=s.log_every, lr=lambda: run.lr_schedule.lr, collector=collector,
+            run.output_dir / "tb", log_every=s.log_every, lr=_lr_used(run), collector=collector,
             model=model, histograms=s.tb_histograms, purge_step=iteration + 1 if iteration else None,
             denormalize=denormalize, history=run.history, images_every=s.tb_images_every,
         ).attach(trainer)
+        run.checkpoint.before_save.append(run.tensorboard.before_checkpoint)  # nothing logged is lost on a kill
     if s.profile:
         run.profile = Profile().attach(trainer, run.evaluator)
     ModelSummary(model, on_summary=lambda info: _record_summary(run, info),
@@ -223,7 +224,7 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
     Validation(evaluator, val_loader, every=s.val_every, watched={"monitor": run.monitor}).attach(trainer)
     run.lr_schedule = LRSchedule(s.scheduler, to_save["optimizer"], epochs=s.epochs, epoch_length=_epoch_length(run),
                                  warmup_epochs=s.warmup_epochs, metric=run.monitor, mode=run.mode).attach(trainer)
-    run.history = History(run.output_dir / "history.json", extra={"lr": lambda: run.lr_schedule.lr}).attach(trainer)
+    run.history = History(run.output_dir / "history.json", extra={"lr": _lr_used(run)}).attach(trainer)
     run.early_stopping = EarlyStopping(patience=s.patience, min_delta=s.min_delta, warmup=s.early_stop_warmup,
                                        metric=run.monitor, mode=run.mode, log=write_line).attach(trainer)
     # on a GPU the loss is read at the console's cadence, not every iteration (each read waits for the step)
@@ -251,6 +252,15 @@ def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable,
     ConsoleLogger(run.train_metrics, log_every=s.log_every).attach(trainer)
     if progress_wanted(not s.progress):
         Progress(loss_every=read_every).attach(trainer, evaluator)
+
+
+def _lr_used(run: Run) -> Callable[[], float]:
+    """The learning rate the latest step used (our trainer records it before the step, whoever schedules it);
+    for an engine of your own, the optimizer's now."""
+    step = getattr(run.trainer, "train_step", None)
+    if step is not None and hasattr(step, "lr"):
+        return lambda: float(step.lr)
+    return lambda: run.lr_schedule.lr
 
 
 def _epoch_length(run: Run) -> int | None:

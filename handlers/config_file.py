@@ -14,7 +14,7 @@ __all__ = ["RECORDED_KEYS", "load_config", "settings_in_config"]
 
 # what a run writes into config.json besides its settings: records of the run, not settings to replay
 RECORDED_KEYS = frozenset({"world_size", "resumed_from", "precision", "precision_choice", "train_transform",
-                           "model_summary", "lr_finder"})
+                           "pair_transform", "model_summary", "lr_finder", "data_route"})
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

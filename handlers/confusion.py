@@ -24,8 +24,9 @@ class MisclassifiedCollector:
     predicted one; dense up to :data:`DENSE_CLASSES` classes, a sparse COO tensor beyond (only the pairs
     that occurred: 10,000 classes cost what their samples do, not 10^8 counts). Counting stays on the
     outputs' device without waiting for it: one ``index_add_`` of a batch's pairs (or, sparse, the
-    pairs kept until the run's end). Batches it cannot count (targets that are not one class label
-    per sample) or show (inputs that are not images: a dict, text) are skipped, not an error.
+    pairs kept until the run's end). Dense predictions (``[N, C, H, W]`` against ``[N, H, W]``:
+    segmentation) count every pixel, and keep no sample images. Batches it cannot count (targets that
+    are not class labels) or show (inputs that are not images: a dict, text) are skipped, not an error.
     """
 
     def __init__(self, num_classes: int | None = None, limit: int = 64,
@@ -57,11 +58,20 @@ class MisclassifiedCollector:
     def update(self, engine: Engine) -> None:
         output = engine.state.output
         y_pred, y = self.view(output) if self.view is not None else (output[0], output[1])
-        if not (isinstance(y_pred, torch.Tensor) and isinstance(y, torch.Tensor) and y_pred.dim() == 2
-                and y.dim() == 1 and len(y) == len(y_pred) and not y.is_floating_point()):  # fmt: skip
+        if not (isinstance(y_pred, torch.Tensor) and isinstance(y, torch.Tensor) and y_pred.dim() >= 2
+                and y.dim() == y_pred.dim() - 1 and len(y) == len(y_pred) and y.shape[1:] == y_pred.shape[2:]
+                and not y.is_floating_point()):  # fmt: skip
             return
         classes = self.num_classes = self.num_classes or y_pred.shape[1]
         pred = y_pred.argmax(1)
+        if y.dim() > 1:  # dense predictions ([N, C, H, W] against [N, H, W]): every pixel counts, no sample images
+            self._count(pred.flatten(), y.flatten(), classes)
+            return
+        self._count(pred, y, classes)
+        if len(self.images) < self.limit:
+            self._keep_images(getattr(engine.state, "inputs", None), pred, y)
+
+    def _count(self, pred: torch.Tensor, y: torch.Tensor, classes: int) -> None:
         known = (y >= 0) & (y < classes)  # an ignored label (-100) counts nowhere
         flat = torch.where(known, y.long() * classes + pred, classes * classes)
         if classes <= DENSE_CLASSES:
@@ -70,8 +80,6 @@ class MisclassifiedCollector:
             self._counts.index_add_(0, flat, torch.ones_like(flat))
         else:
             self._pairs.append(flat)
-        if len(self.images) < self.limit:
-            self._keep_images(getattr(engine.state, "inputs", None), pred, y)
 
     def _keep_images(self, x: Any, pred: torch.Tensor, y: torch.Tensor) -> None:
         """The first misclassified samples while there is room (a wait for the device each batch until then)."""

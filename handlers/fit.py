@@ -44,6 +44,7 @@ from handlers.lr_finder import FindingLR, LRFinderRun
 from handlers.metrics import AccuracyView, validation_metrics
 from handlers.precision import choose_precision, resolve_precision
 from handlers.run import Run, RunResult
+from handlers.user_scheduler import UserScheduler
 
 __all__ = ["build_run", "compile_cache", "fit", "make_loaders", "make_optimizer"]
 
@@ -83,6 +84,8 @@ def build_run(
     collate_fn: Callable[[list], Any] | None = None,
     sample_weights: Any = None,
     model_fn: Callable[[nn.Module, Any], Any] | None = None,
+    lr_scheduler: Any = None,
+    lr_scheduler_interval: str = "step",
 ) -> Run | LRFinderRun:
     """Everything :func:`fit` does up to ``trainer.run``: the :class:`handlers.run.Run`, whose
     ``trainer``, ``evaluator`` and handlers you can still change before ``run.run()``.
@@ -104,7 +107,8 @@ def build_run(
     _place_model(parts, optimizer, loss_fn)  # the model, its optimizer's state and the loss, on the device
     _check_data(parts, check_balance=classification and sample_weights is None)  # before any file is made
     _wrap_model(parts)  # DDP in a distributed run, torch.compile
-    features = features_of([FindingLR.of(parts), WeightAverage.of(parts)])  # the optional features
+    features = features_of([FindingLR.of(parts), UserScheduler.of(lr_scheduler, lr_scheduler_interval, parts),
+                            WeightAverage.of(parts)])  # the optional features
     for feature in features:
         instead = feature.before_training(parts)
         if instead is not None:
@@ -263,6 +267,12 @@ def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None =
         output_transform: ``fn(x, y, y_pred) -> (y_pred, y)``: what the metrics see.
         collate_fn: ``fn(samples) -> batch`` for both sets (e.g. padding samples of different lengths);
             the sets then go through a ``DataLoader`` (or a stream's), tensors too.
+        lr_scheduler: your own LR scheduler (instead of ``settings.scheduler``): a torch ``LRScheduler``
+            built on the ``optimizer`` you pass, ``fn(optimizer) -> scheduler`` (for the optimizer ``fit``
+            makes), a ``ReduceLROnPlateau`` (stepped on ``settings.monitor`` after each validation) or an
+            Ignite ``ParamScheduler``; saved in every checkpoint, resumed exactly
+            (:mod:`handlers.user_scheduler`).
+        lr_scheduler_interval: ``"step"`` (after each optimizer step) or ``"epoch"`` (after each epoch).
         sample_weights: one number per training sample: each epoch draws as many samples with
             replacement, in proportion (class imbalance: ``(1 / torch.bincount(y).double())[y]``
             draws every class equally often), the draws seeded and resumed exactly as the order is.

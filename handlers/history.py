@@ -31,7 +31,7 @@ class History:
     whatever ``extra`` callables return.
 
     Recorded at Stage.RECORD (so the epoch is in the checkpoint written after it); written to
-    ``path`` at Stage.LOGGING. ``state_dict()`` carries the list, so a resumed run keeps the
+    ``path`` at Stage.PUBLISH, before that checkpoint. ``state_dict()`` carries the list, so a resumed run keeps the
     epochs before the checkpoint, and only those.
     """
 
@@ -48,7 +48,7 @@ class History:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._count)
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self._end_training_phase, Stage.METRICS)
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self.record, Stage.RECORD)
-        attach_ordered(trainer, Events.EPOCH_COMPLETED, self.write, Stage.LOGGING)
+        attach_ordered(trainer, Events.EPOCH_COMPLETED, self.write, Stage.PUBLISH)
         return self
 
     def _start_epoch(self, engine: Engine) -> None:

@@ -2,8 +2,9 @@
 
 Ignite runs the handlers of an event in the order they were added. Ours instead go through one
 dispatcher per (engine, event) that runs them by :class:`Stage`: metrics first, then validation,
-then the record of the epoch, then decisions (early stopping, plateau LR), then checkpoints, then
-loggers. Handlers of the same stage keep their attach order.
+then the record of the epoch, then decisions (early stopping, plateau LR), then the records written
+out (TensorBoard, history.json: on disk before the checkpoint that follows them, so a kill after it loses
+nothing logged), then checkpoints, then the console. Handlers of the same stage keep their attach order.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Stage(IntEnum):
     VALIDATION = 10
     RECORD = 20
     DECISION = 30
+    PUBLISH = 35  # records on disk (TensorBoard's epoch points, history.json) before the checkpoint after them
     CHECKPOINT = 40
     LOGGING = 50
 

@@ -98,6 +98,7 @@ class TensorBoardLogging:
         self.denormalize = denormalize
         self.history = history
         self.images_every = images_every
+        self._logged = 0  # the iteration whose step points were written last
         # tensorboardX names a file by the second it was made and the host: a resumed run started in the same
         # second (a quick restart) would truncate its predecessor's file. The suffix (nanoseconds, then the pid)
         # keeps every file, in the order they were made, which is the order TensorBoard's purge reads them in.
@@ -110,14 +111,25 @@ class TensorBoardLogging:
     def attach(self, trainer: Engine) -> TensorBoardLogging:
         if self.log_every:
             trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self.log_iteration)
-        attach_ordered(trainer, Events.EPOCH_COMPLETED, self.log_epoch, Stage.LOGGING)
+        attach_ordered(trainer, Events.EPOCH_COMPLETED, self.log_epoch, Stage.PUBLISH)
         if self.histograms:
             every = Events.EPOCH_COMPLETED
             self.logger.attach(trainer, WeightsHistHandler(self.model, tag="weights"), every)
             self.logger.attach(trainer, GradsHistHandler(self.model, tag="grads"), every)
         return self
 
+    def before_checkpoint(self, engine: Engine) -> None:
+        """Before a checkpoint at this iteration: its step's points (if due and not yet logged: the checkpoint's
+        handler may run first) and everything queued go to the file, so that a kill after the checkpoint leaves
+        every point up to it, and the resume, which purges what comes after, adds each later one once."""
+        if self.log_every and engine.state.iteration % self.log_every == 0:
+            self.log_iteration(engine)
+        self.flush()
+
     def log_iteration(self, engine: Engine) -> None:
+        if engine.state.iteration == self._logged:
+            return
+        self._logged = engine.state.iteration
         output = engine.state.output
         values = {"loss/train_step": float(output["loss"])}
         if self.lr is not None:
@@ -127,7 +139,10 @@ class TensorBoardLogging:
         add_scalars_fast(self.writer, values, engine.state.iteration)
 
     def log_epoch(self, engine: Engine) -> None:
+        """The epoch's points, at its last iteration (TensorBoard's step): every point of a run is keyed by the
+        iteration, which a resume's purge then covers."""
         epoch, metrics = engine.state.epoch, dict(engine.state.metrics)
+        step = engine.state.iteration
         if self.history is not None and self.history.epochs and self.history.epochs[-1]["epoch"] == epoch:
             metrics.update(self.history.epochs[-1])  # epoch time and throughput
         scalars = {}
@@ -135,20 +150,20 @@ class TensorBoardLogging:
             tag = EPOCH_TAGS.get(key) or (None if key.endswith("samples") or key in _ROW_KEYS else f"metrics/{key}")
             if tag is not None and isinstance(value, (int, float)) and math.isfinite(value):
                 scalars[tag] = float(value)
-        add_scalars_fast(self.writer, scalars, epoch)
+        add_scalars_fast(self.writer, scalars, step)
         validated = any(k.startswith("val_") for k in engine.state.metrics)
         counts = self.collector.confusion if self.collector is not None else None
         if validated and counts is not None and self._images_due(engine):
             if counts.shape[0] <= PICTURE_CLASSES:
-                add_image_fast(self.writer, "val/confusion_matrix", confusion_matrix_image(counts.to_dense()), epoch)
+                add_image_fast(self.writer, "val/confusion_matrix", confusion_matrix_image(counts.to_dense()), step)
             else:
-                self.writer.add_text("val/most_confused", confusion_table(counts), epoch)
+                self.writer.add_text("val/most_confused", confusion_table(counts), step)
             if self.collector.images:
                 images = torch.stack(self.collector.images)
                 if self.denormalize is not None:
                     images = self.denormalize(images)
                 grid = labelled_grid(images, [f"p{p} t{t}" for p, t in self.collector.labels])
-                add_image_fast(self.writer, "val/misclassified", grid, epoch)
+                add_image_fast(self.writer, "val/misclassified", grid, step)
         self.flush()
 
     def flush(self) -> None:

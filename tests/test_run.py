@@ -60,7 +60,7 @@ def test_regression_early_stopping_best_checkpoints_and_tensorboard_without_accu
     assert kept_epochs == sorted(r["epoch"] for r in sorted(result.history, key=lambda r: r["val_loss"])[:2])
     acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
-    assert [e.step for e in acc.Scalars("loss/val")] == [1, 2, 3] and acc.Tags()["images"] == []
+    assert [e.step for e in acc.Scalars("loss/val")] == [20, 40, 60] and acc.Tags()["images"] == []
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["monitor"], config["mode"]) == ("val_loss", "min")
 

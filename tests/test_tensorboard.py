@@ -43,8 +43,8 @@ def run_dir(mnist_root, tmp_path_factory) -> Path:
 def test_every_scalar_tag_once_per_step(run_dir):
     acc = accumulate(run_dir / "tb")
     tags = acc.Tags()["scalars"]
-    for tag in EPOCH_TAGS:
-        assert [e.step for e in acc.Scalars(tag)] == [1, 2], tag
+    for tag in EPOCH_TAGS:  # an epoch's points at its last iteration: every step of a run is an iteration
+        assert [e.step for e in acc.Scalars(tag)] == [100, 200], tag
     for tag in STEP_TAGS:
         assert [e.step for e in acc.Scalars(tag)] == list(range(20, 201, 20)), tag
     assert set(EPOCH_TAGS + STEP_TAGS) <= set(tags)
@@ -56,7 +56,7 @@ def test_images_after_the_last_validation(run_dir):
     acc = accumulate(run_dir / "tb")
     for tag in ("val/confusion_matrix", "val/misclassified"):
         events = acc.Images(tag)
-        assert [e.step for e in events] == [2] and events[-1].width > 100 and events[-1].height > 50
+        assert [e.step for e in events] == [200] and events[-1].width > 100 and events[-1].height > 50
 
 
 def test_images_every_epoch_on_request(mnist_root, tmp_path):
@@ -64,7 +64,7 @@ def test_images_every_epoch_on_request(mnist_root, tmp_path):
     proc = run_main(*ARGS, "--tb-images-every", "1", "--limit-train-batches", "10", "--output-dir", str(out),
                     mnist=mnist_root)
     assert proc.returncode == 0, proc.stderr
-    assert [e.step for e in accumulate(out / "tb").Images("val/confusion_matrix")] == [1, 2]
+    assert [e.step for e in accumulate(out / "tb").Images("val/confusion_matrix")] == [10, 20]
 
 
 def test_hparams_hold_the_config_and_the_results(run_dir):
@@ -114,7 +114,7 @@ def test_tensorboard_server_serves_the_curves_of_history(run_dir):
         query = urllib.parse.urlencode({"run": ".", "tag": "accuracy/val"})
         series = get_json(f"{base}/data/plugin/scalars/scalars?{query}")
         history = json.loads((run_dir / "history.json").read_text())
-        assert [step for _, step, _ in series] == [1, 2]
+        assert [step for _, step, _ in series] == [100, 200]  # the epochs' last iterations
         assert [value for _, _, value in series] == pytest.approx([r["val_accuracy"] for r in history], abs=1e-6)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -133,7 +133,7 @@ def test_killed_and_resumed_run_has_no_step_twice(mnist_root, tmp_path):
     for tag in acc.Tags()["scalars"]:
         steps = [e.step for e in acc.Scalars(tag)]
         assert steps == sorted(set(steps)), (tag, steps)
-    assert [e.step for e in acc.Scalars("accuracy/val")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("accuracy/val")] == [60, 120, 180]
     assert [e.step for e in acc.Scalars("loss/train_step")] == list(range(10, 181, 10))
 
 
@@ -160,11 +160,11 @@ def test_an_epochs_scalars_are_in_the_file_when_its_logging_returns(tmp_path):
     tb = TensorBoardLogging(tmp_path / "tb", log_every=0, flush_secs=120)
     try:
         for epoch in (1, 2, 3):
-            trainer.state.epoch = epoch
+            trainer.state.epoch, trainer.state.iteration = epoch, 10 * epoch
             trainer.state.metrics = {"val_accuracy": 0.9 + epoch / 100, "train_loss": 1.0 / epoch}
             tb.log_epoch(trainer)
             acc = accumulate(tmp_path / "tb")  # the writer is still open, its thread still running
-            assert [e.step for e in acc.Scalars("accuracy/val")] == list(range(1, epoch + 1))
+            assert [e.step for e in acc.Scalars("accuracy/val")] == list(range(10, 10 * epoch + 1, 10))
     finally:
         tb.close()
 

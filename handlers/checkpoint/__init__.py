@@ -123,6 +123,23 @@ def _os_error_in(exc: BaseException | None) -> OSError | None:
     return None
 
 
+def _check_arguments(to_save: Mapping[str, Any], mode: str, n_saved: int, n_last: int,
+                     every_iters: int | None) -> None:  # fmt: skip
+    """:class:`TrainingCheckpoint`'s arguments checked: a ``ValueError`` naming the first wrong one."""
+    if not isinstance(n_saved, int) or n_saved < 1 or not isinstance(n_last, int) or n_last < 1:
+        raise ValueError(f"n_saved and n_last must be integers >= 1, got {n_saved!r}, {n_last!r}")
+    if every_iters is not None and (not isinstance(every_iters, int) or every_iters < 1):
+        raise ValueError(f"every_iters must be a positive integer or None, got {every_iters!r}")
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    for key in ("model", "trainer"):
+        if key not in to_save:
+            raise ValueError(f"to_save must hold {key!r}")
+    reserved = {"meta", "checkpointer", "other_checkpointer"} & set(to_save)
+    if reserved:
+        raise ValueError(f"to_save may not use the reserved keys {sorted(reserved)}")
+
+
 def _shown(engine: Engine, metric: str) -> str:
     """The watched metric's value as a best checkpoint's name shows it (four decimals, its own sign)."""
     return f"{float(engine.state.metrics[metric]):.4f}"
@@ -157,18 +174,7 @@ class TrainingCheckpoint:
         every_iters: int | None = None,
         skip_if: Callable[[], bool] | None = None,
     ) -> None:
-        if not isinstance(n_saved, int) or n_saved < 1 or not isinstance(n_last, int) or n_last < 1:
-            raise ValueError(f"n_saved and n_last must be integers >= 1, got {n_saved!r}, {n_last!r}")
-        if every_iters is not None and (not isinstance(every_iters, int) or every_iters < 1):
-            raise ValueError(f"every_iters must be a positive integer or None, got {every_iters!r}")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        for key in ("model", "trainer"):
-            if key not in to_save:
-                raise ValueError(f"to_save must hold {key!r}")
-        reserved = {"meta", "checkpointer", "other_checkpointer"} & set(to_save)
-        if reserved:
-            raise ValueError(f"to_save may not use the reserved keys {sorted(reserved)}")
+        _check_arguments(to_save, mode, n_saved, n_last, every_iters)
         self.dirname = Path(dirname)
         self.metric = metric
         self.mode = mode
@@ -176,6 +182,8 @@ class TrainingCheckpoint:
         self.model: nn.Module = to_save["model"]
         self.trainer: Engine = to_save["trainer"]
         self.skip_if = skip_if
+        # called with the trainer just before each save: what was logged up to here goes to disk first
+        self.before_save: list[Callable[[Engine], None]] = []
         self.saver = SafeDiskSaver(self.dirname)
         base = {**to_save, "meta": _Meta(self.trainer, metric)}
         other_of_best, other_of_last = _Bookkeeping(), _Bookkeeping()
@@ -226,6 +234,8 @@ class TrainingCheckpoint:
             return
         if not _all_finite(self.model):
             return
+        for hook in self.before_save:
+            hook(engine)
         score = engine.state.metrics.get(self.metric)
         previous = self.last_path
         try:

@@ -115,7 +115,30 @@ def test_both_wheels_carry_every_module_of_the_checkout_and_the_same_files(dists
     assert contents["checkout"] == contents["sdist-wheel"]
 
 
-@pytest.mark.parametrize("kind", ["checkout", "sdist-wheel"])
+def test_the_checkout_wheel_installs_and_imports_every_module_away_from_the_checkout(dists, tmp_path):
+    """The wheel built from the checkout: byte for byte the sdist's wheel (the test above), which the test
+    below runs whole; here it is installed and imported on its own."""
+    env_dir = tmp_path / "env"
+    try:
+        python = _fresh_env(env_dir)
+        installed = _pip(python, "install", "--no-deps", "--no-index", str(dists["checkout"]))
+        assert installed.returncode == 0, installed.stderr
+        user = tmp_path / "user"
+        user.mkdir()
+        imported = subprocess.run([str(python), "-c", IMPORT_ALL], cwd=user, env=_clean_env(), capture_output=True,
+                                  text=True, timeout=300)
+        assert imported.returncode == 0, imported.stderr[-3000:]
+        assert all(Path(f).is_relative_to(_site_packages(env_dir)) for f in json.loads(imported.stdout)["files"])
+    finally:
+        shutil.rmtree(env_dir, ignore_errors=True)
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP", "PYTHONSAFEPATH")}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.parametrize("kind", ["sdist-wheel"])
 def test_the_installed_wheel_trains_verifies_and_resumes_away_from_the_checkout(dists, kind, tmp_path):
     env_dir = tmp_path / "env"
     try:
@@ -126,8 +149,7 @@ def test_the_installed_wheel_trains_verifies_and_resumes_away_from_the_checkout(
         assert check.returncode == 0, check.stdout + check.stderr
         user = tmp_path / "user"  # outside the checkout: only the installed packages can be imported
         user.mkdir()
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP", "PYTHONSAFEPATH")}
-        env["PYTHONUNBUFFERED"] = "1"
+        env = _clean_env()
 
         def run(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run([str(python), *args], cwd=user, env=env, capture_output=True, text=True, timeout=300)

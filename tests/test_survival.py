@@ -176,14 +176,14 @@ def _alive(pid: int) -> bool:
 def test_a_loader_that_blocks_ends_the_run_with_one_line_and_exit_code_5(tmp_path, workers):
     (tmp_path / "stall.py").write_text(STALL_PROGRAM)
     start = time.monotonic()
-    proc = python("stall.py", "--output-dir", "r", "--block-at", "150", "--stall-timeout", "3", "--num-workers",
+    proc = python("stall.py", "--output-dir", "r", "--block-at", "150", "--stall-timeout", "2", "--num-workers",
                   str(workers), "--save-every-iters", "1", *QUIET, cwd=tmp_path, timeout=120)
     took = time.monotonic() - start
     assert proc.returncode == 5, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and lines[0].startswith("error: stalled at epoch 1, iteration "), proc.stderr
     line = lines[0]
-    assert "no batch came from the training loader" in line and "(--stall-timeout 3)" in line
+    assert "no batch came from the training loader" in line and "(--stall-timeout 2)" in line
     iteration = int(re.search(r"iteration (\d+)", line).group(1))
     saved = sorted((tmp_path / "r" / "checkpoints").glob("last_iter=*.pt"))
     if iteration > 1:  # the checkpoints before the stall are kept, the newest named
@@ -194,12 +194,12 @@ def test_a_loader_that_blocks_ends_the_run_with_one_line_and_exit_code_5(tmp_pat
         assert not _alive(pid)  # the workers ended with the run
     else:
         assert "__getitem__(150) at" in line and "stall.py:" in line  # the very sample it was fetching
-    assert took < 3 + 15  # the limit plus the start-up and the end
+    assert took < 2 + 15  # the limit plus the start-up and the end
 
 
 def test_a_slow_loader_that_keeps_delivering_is_never_stopped(tmp_path):
-    (tmp_path / "stall.py").write_text(STALL_PROGRAM)  # 16 samples of 0.1 s: a batch every 1.6 s, the limit 2.5 s
-    proc = python("stall.py", "--output-dir", "r", "--sleep", "0.1", "--stall-timeout", "2.5",
+    (tmp_path / "stall.py").write_text(STALL_PROGRAM)  # 16 samples of 0.05 s: a batch every 0.8 s, the limit 1.2 s
+    proc = python("stall.py", "--output-dir", "r", "--sleep", "0.05", "--stall-timeout", "1.2",
                   "--limit-train-batches", "3", *QUIET, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert [r["epoch"] for r in json.loads((tmp_path / "r" / "history.json").read_text())] == [1]

@@ -1,0 +1,173 @@
+"""The host's cost of one training step: this library with every default handler against a hand-written loop
+and plain Ignite (and Lightning, when it is installed: not a dependency), on a nano model whose own compute is
+small (Linear 32 -> 10, batches of 64 held in memory, one thread), so that what is measured is the loop around
+the step: Python, event dispatch, handlers. The same host work is what a launch-bound GPU step pays.
+
+Each side's training call is timed at two lengths (``--short`` and ``--long`` iterations, one epoch, a tiny
+validation set); the slope between them is the cost of a step without the fixed costs (set-up, the epoch's
+end, the summary). Rounds alternate the sides (the order rotated each round) and the median slope of
+``--rounds`` rounds is reported.
+
+    python benchmarks/step_cost.py [--rounds 3] [--short 100] [--long 2100] [--device cpu|cuda]
+
+Last line: ``ratio_<side>=<side / loop>`` for plain Ignite, this library and, when installed, Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from common import machine, quiet
+from ignite.engine import Events, create_supervised_evaluator, create_supervised_trainer
+from ignite.metrics import Accuracy, Loss
+from torch import nn
+
+from engine import RunSettings
+from handlers import build_run, seed_everything
+
+BATCH, FEATURES, CLASSES = 64, 32, 10
+
+
+def data(n_batches: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_batches * BATCH, FEATURES, generator=g)
+    return x.to(device), (x[:, :CLASSES].argmax(1)).to(device)
+
+
+def model(device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(FEATURES, CLASSES).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def loop(n: int, device: torch.device) -> float:
+    """The hand-written loop: zero_grad, forward, loss, backward, step; per-sample loss and accuracy summed on
+    the device (read once, at the end, as a careful hand-written loop does); a validation pass."""
+    x, y = data(n, device)
+    vx, vy = data(1, device)
+    net = model(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    sync(device)
+    start = time.perf_counter()
+    total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    for i in range(n):
+        xb, yb = x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]
+        optimizer.zero_grad(set_to_none=True)
+        out = net(xb)
+        loss = loss_fn(out, yb)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(yb)
+        correct += (out.detach().argmax(1) == yb).sum()
+    with torch.no_grad():
+        val = loss_fn(net(vx), vy)
+    float(total), float(correct), float(val)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def ignite(n: int, device: torch.device) -> float:
+    """Plain Ignite: ``create_supervised_trainer`` and an evaluator with loss and accuracy after the epoch."""
+    x, y = data(n, device)
+    vx, vy = data(1, device)
+    net = model(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    trainer = create_supervised_trainer(net, optimizer, nn.CrossEntropyLoss(), device=device)
+    evaluator = create_supervised_evaluator(net, {"loss": Loss(nn.CrossEntropyLoss()), "accuracy": Accuracy()},
+                                            device=device)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: evaluator.run([(vx, vy)]))
+    batches = [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(n)]
+    sync(device)
+    start = time.perf_counter()
+    trainer.run(batches, max_epochs=1)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def library(n: int, device: torch.device) -> float:
+    """This library: ``build_run`` with every default handler (checkpoints, history, TensorBoard, NaN guard,
+    stop signals, the stall watchdog, console lines every 50 batches); the ``run.run()`` call is timed."""
+    seed_everything(0)
+    with tempfile.TemporaryDirectory() as out, quiet():
+        settings = RunSettings(output_dir=f"{out}/run", epochs=1, batch_size=BATCH, val_batch_size=BATCH,
+                               progress=False, device=str(device), seed=0)
+        run = build_run(model(device), data(n, device), data(1, device), settings)
+        sync(device)
+        start = time.perf_counter()
+        result = run.run()
+        sync(device)
+        took = time.perf_counter() - start
+    assert result.exit_code == 0
+    return took
+
+
+def lightning(n: int, device: torch.device) -> float | None:
+    """Lightning with its defaults (no logger, no checkpointing, no progress bar), when it is installed."""
+    try:
+        import lightning as L
+    except ImportError:
+        return None
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model(device)
+
+        def training_step(self, batch, _):
+            xb, yb = batch
+            return nn.functional.cross_entropy(self.net(xb), yb)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    x, y = data(n, device)
+    batches = [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(n)]
+    with quiet():
+        trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator=device.type, devices=1)
+        start = time.perf_counter()
+        trainer.fit(Module(), batches)
+        took = time.perf_counter() - start
+    return took
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--short", type=int, default=100)
+    p.add_argument("--long", type=int, default=2100)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    sides: dict[str, Callable[[int, torch.device], float | None]] = {"loop": loop, "ignite": ignite,
+                                                                      "library": library, "lightning": lightning}
+    print(machine())
+    for side in sides.values():  # warm-up: imports, allocator, first kernels
+        side(args.short, device)
+    slopes: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            short, long = sides[name](args.short, device), sides[name](args.long, device)
+            if short is not None and long is not None:
+                slopes[name].append((long - short) / (args.long - args.short))
+    us = {name: statistics.median(s) * 1e6 for name, s in slopes.items() if s}
+    for name, value in us.items():
+        print(f"{name}: {value:.1f} us a step ({', '.join(f'{s * 1e6:.1f}' for s in slopes[name])})")
+    print(" ".join(f"ratio_{name}={value / us['loop']:.3f}" for name, value in us.items() if name != "loop"))
+
+
+if __name__ == "__main__":
+    main()

@@ -39,7 +39,9 @@ class RunSettings:
             for classification, ``val_loss`` otherwise) and ``mode`` (``"max"``/``"min"``; default
             ``"min"`` when the name holds ``loss`` or ``error``, else ``"max"``): early stopping,
             best checkpoints and the plateau schedule all follow it.
-        handlers: ``val_every``, ``patience`` (0: off), ``min_delta``, ``early_stop_warmup``,
+        handlers: ``val_every`` (epochs), ``val_every_iters`` (iterations instead: a validation, a history row,
+            an early-stopping judgement and a best checkpoint every N iterations and after the last),
+            ``patience`` (0: off, counts validations), ``min_delta``, ``early_stop_warmup``,
             ``n_saved``, ``save_every_iters``, ``log_every``, ``progress``, ``tensorboard``,
             ``tb_histograms``, ``tb_images_every``.
         engine: ``seed``, ``device``, ``deterministic`` (deterministic kernels on CUDA too: a resumed
@@ -79,6 +81,7 @@ class RunSettings:
     monitor: str | None = None
     mode: str | None = None
     val_every: int = 1
+    val_every_iters: int | None = None
     patience: int = 3
     min_delta: float = 0.0
     early_stop_warmup: int = 0
@@ -115,7 +118,7 @@ class RunSettings:
         if self.data_path == "torchvision":
             self.data_path = "loader"
         for name in ("limit_train_batches", "limit_val_batches", "epoch_length", "save_every_iters", "threads",
-                     "nproc_per_node"):
+                     "nproc_per_node", "val_every_iters"):
             if getattr(self, name) is not None:
                 _positive_int(self, name)
         for name in ("patience", "early_stop_warmup", "log_every", "tb_images_every", "num_workers"):
@@ -145,6 +148,7 @@ class RunSettings:
             if getattr(self, name) not in allowed:
                 shown = ", ".join(str(a) for a in allowed)
                 raise ConfigError(f"{param(name)} must be one of {shown}; got {getattr(self, name)!r}")
+        _one_cadence(self)
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"{param('warmup_epochs')} ({self.warmup_epochs:g}) must be less than "
                               f"{param('epochs')} ({self.epochs})")
@@ -161,6 +165,12 @@ class RunSettings:
     def to_dict(self) -> dict[str, Any]:
         """Every field, for ``config.json``."""
         return dataclasses.asdict(self)
+
+
+def _one_cadence(settings: RunSettings) -> None:
+    """Validation every N epochs or every N iterations, not both."""
+    if settings.val_every_iters is not None and settings.val_every != 1:
+        raise ConfigError(f"{param('val_every')} counts epochs and {param('val_every_iters')} iterations: give one")
 
 
 def _positive_int(settings: RunSettings, name: str) -> None:

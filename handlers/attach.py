@@ -37,6 +37,7 @@ from handlers.lr_schedule import LRSchedule
 from handlers.metrics import AccuracyView, TrainMetrics
 from handlers.model_summary import ModelSummary, summary_line
 from handlers.nan_guard import NanGuard
+from handlers.ordering import run_period
 from handlers.profile import Profile
 from handlers.progress import Progress, progress_wanted
 from handlers.rng import RNGState
@@ -218,6 +219,8 @@ def _record_summary(run: Run, info: dict[str, Any]) -> None:
 def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable, handlers: Sequence[Any],
                      train_loss_fn: Callable | None = None, accuracy_view: AccuracyView | None = None) -> None:
     s, trainer, evaluator = run.settings, run.trainer, run.evaluator
+    length = _epoch_length(run)
+    run_period(trainer, s.val_every_iters, s.epochs * length if length else None)  # (fit decided it already)
     # the groups' ends are fixed by the data alone, never by --log-every or a progress bar: the same sums, to the bit
     run.train_metrics = TrainMetrics(accuracy=run.classification, loss_fn=train_loss_fn, accuracy_view=accuracy_view,
                                      device=run.device.device).attach(trainer)

@@ -123,6 +123,9 @@ def _handler_flags(p: argparse.ArgumentParser, d: RunSettings) -> None:
                    help="direction of --monitor (default: min for a loss or error, else max)")
     g.add_argument("--val-every", type=positive_int, default=d.val_every,
                    help="validate every N epochs (and after the last)")
+    g.add_argument("--val-every-iters", type=positive_int, default=d.val_every_iters, metavar="N",
+                   help="validate every N iterations instead (and after the last): history rows, early stopping, "
+                        "best checkpoints and the plateau LR follow each validation")
     g.add_argument("--patience", type=non_negative_int, default=d.patience, help="early stopping; 0 switches it off")
     g.add_argument("--min-delta", type=non_negative_float, default=d.min_delta)
     g.add_argument("--early-stop-warmup", type=non_negative_int, default=d.early_stop_warmup,

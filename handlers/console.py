@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from engine.epoch import batch_in_epoch
 from handlers.metrics import TrainMetrics
-from handlers.ordering import Stage, attach_ordered
+from handlers.ordering import Stage, attach_ordered, by_iteration, record_period
 
 __all__ = ["ConsoleLogger", "flush_output", "quiet_ignite", "write_line"]
 
@@ -74,6 +74,7 @@ class ConsoleLogger:
         self.train_metrics = train_metrics
         self.log_every = log_every
         self.write = write
+        self._by_iteration = False
 
     def attach(self, trainer: Engine) -> ConsoleLogger:
         if self.log_every:
@@ -83,7 +84,8 @@ class ConsoleLogger:
                 return _batch(engine.state) % every == 0
 
             trainer.add_event_handler(Events.ITERATION_COMPLETED(event_filter=due), self.batch_line)
-        attach_ordered(trainer, Events.EPOCH_COMPLETED, self.epoch_lines, Stage.LOGGING)
+        self._by_iteration = by_iteration(trainer)
+        attach_ordered(trainer, record_period(trainer), self.epoch_lines, Stage.LOGGING)
         return self
 
     def batch_line(self, engine: Engine) -> None:
@@ -92,6 +94,8 @@ class ConsoleLogger:
 
     def epoch_lines(self, engine: Engine) -> None:
         m, e = engine.state.metrics, engine.state.epoch
+        if self._by_iteration:  # a validation inside an epoch (the one in progress): its iteration too
+            e = f"{e}, Iteration {engine.state.iteration}"
         p = self.train_metrics.prefix
         if p + "loss" in m:
             self.write(f"Epoch {e}, {_figures(m, p, 'Train')}")

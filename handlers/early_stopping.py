@@ -15,7 +15,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping as _IgniteEarlyStopping
 
-from handlers.ordering import Stage, attach_ordered
+from handlers.ordering import Stage, attach_ordered, record_period
 
 __all__ = ["EarlyStopping"]
 
@@ -87,7 +87,7 @@ class EarlyStopping:
             raise TypeError(f"trainer must be an ignite Engine, got {type(trainer).__name__}")
         self._inner.trainer = trainer
         trainer.add_event_handler(Events.STARTED, self._maybe_reset)
-        attach_ordered(trainer, Events.EPOCH_COMPLETED, self, Stage.DECISION)
+        attach_ordered(trainer, record_period(trainer), self, Stage.DECISION)
         return self
 
     def _maybe_reset(self, engine: Engine) -> None:

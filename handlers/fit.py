@@ -42,6 +42,7 @@ from handlers.feature import RunFeature, RunParts, features_of
 from handlers.loaders import Data, labels_of, make_loaders
 from handlers.lr_finder import FindingLR, LRFinderRun
 from handlers.metrics import AccuracyView, validation_metrics
+from handlers.ordering import run_period
 from handlers.precision import choose_precision, resolve_precision
 from handlers.run import Run, RunResult
 from handlers.user_scheduler import UserScheduler
@@ -183,8 +184,17 @@ def _make_trainer(parts: RunParts, features: Sequence[RunFeature]) -> None:
         accumulation_steps=s.accumulation_steps, clip_grad_norm=s.clip_grad_norm,
         grad_norm_every=s.log_every if s.tensorboard else 0, channels_last=s.channels_last, seed=s.seed,
         **parts.calls.engine_kwargs(parts.train_prepare), **parts.engine_options)
+    run_period(parts.trainer, s.val_every_iters, _last_iteration(s, parts.train_loader))  # before any handler
     for feature in features:
         feature.on_trainer(parts)
+
+
+def _last_iteration(settings: RunSettings, loader: Any) -> int | None:
+    """The run's last iteration, where the loader's length is known (a stream's may not be)."""
+    try:
+        return settings.epochs * len(loader)
+    except TypeError:
+        return None
 
 
 def _make_evaluator(parts: RunParts, features: Sequence[RunFeature], metrics: Mapping[str, Metric] | None) -> Engine:

@@ -12,7 +12,7 @@ import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 from engine.files import write_json_atomic
-from handlers.ordering import Stage, attach_ordered
+from handlers.ordering import Stage, attach_ordered, by_iteration, record_period
 
 __all__ = ["History"]
 
@@ -42,13 +42,18 @@ class History:
         self._epoch_start = 0.0
         self._epoch_samples = 0
         self._train_seconds = 0.0
+        self._by_iteration = False
 
     def attach(self, trainer: Engine) -> History:
-        trainer.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
+        """A row at each record period (:func:`~handlers.ordering.run_period`): each epoch's end, or each
+        validation of a run validating every N iterations (then its time and samples are the period's)."""
+        period = record_period(trainer)
+        self._by_iteration = by_iteration(trainer)
+        trainer.add_event_handler(Events.STARTED if self._by_iteration else Events.EPOCH_STARTED, self._start_epoch)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._count)
-        attach_ordered(trainer, Events.EPOCH_COMPLETED, self._end_training_phase, Stage.METRICS)
-        attach_ordered(trainer, Events.EPOCH_COMPLETED, self.record, Stage.RECORD)
-        attach_ordered(trainer, Events.EPOCH_COMPLETED, self.write, Stage.PUBLISH)
+        attach_ordered(trainer, period, self._end_training_phase, Stage.METRICS)
+        attach_ordered(trainer, period, self.record, Stage.RECORD)
+        attach_ordered(trainer, period, self.write, Stage.PUBLISH)
         return self
 
     def _start_epoch(self, engine: Engine) -> None:
@@ -69,7 +74,9 @@ class History:
         row["epoch_seconds"] = round(seconds, 4)
         train_seconds = self._train_seconds
         row["samples_per_second"] = round(self._epoch_samples / train_seconds, 1) if train_seconds > 0 else None
-        self.epochs = [r for r in self.epochs if r["epoch"] < row["epoch"]] + [row]
+        self.epochs = [r for r in self.epochs if r.get("iteration", 0) < row["iteration"]] + [row]
+        if self._by_iteration:  # the next row's time and samples count from here
+            self._start_epoch(engine)
 
     def write(self, engine: Engine | None = None) -> None:
         """Write history.json (rank 0 only)."""

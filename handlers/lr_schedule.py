@@ -16,7 +16,7 @@ from ignite.handlers import (
 
 from engine.errors import ConfigError, param
 from engine.settings import SCHEDULERS
-from handlers.ordering import Stage, attach_ordered
+from handlers.ordering import Stage, attach_ordered, record_period
 
 __all__ = ["SCHEDULERS", "LRSchedule"]
 
@@ -103,7 +103,7 @@ class LRSchedule:
                 event = Events.ITERATION_STARTED(event_filter=lambda _, i: i <= limit + 1)
             trainer.add_event_handler(event, self.per_iteration)
         if self.plateau is not None:
-            attach_ordered(trainer, Events.EPOCH_COMPLETED, self._plateau_step, Stage.DECISION)
+            attach_ordered(trainer, record_period(trainer), self._plateau_step, Stage.DECISION)
         return self
 
     def _plateau_step(self, trainer: Engine) -> None:

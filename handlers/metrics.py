@@ -15,7 +15,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from engine.batch import to_device
 from engine.epoch import batch_in_epoch, mid_epoch
 from handlers.adapters import move_metric_state
-from handlers.ordering import Stage, attach_ordered
+from handlers.ordering import Stage, attach_ordered, by_iteration, record_period
 
 __all__ = ["AccuracyView", "SampleCount", "TrainMetrics", "validation_metrics"]
 
@@ -132,7 +132,12 @@ class TrainMetrics:
         attach_ordered(trainer, Events.EPOCH_COMPLETED, self._flush, Stage.METRICS)  # before the metrics publish
         for name, metric in self.metrics.items():
             attach_ordered(trainer, Events.EPOCH_COMPLETED, metric.completed, Stage.METRICS, self.prefix + name)
+        if by_iteration(trainer):  # a validation inside an epoch: the epoch's means so far, as the console's
+            attach_ordered(trainer, record_period(trainer), self._publish_running, Stage.METRICS)
         return self
+
+    def _publish_running(self, engine: Engine) -> None:
+        engine.state.metrics.update(self.running())
 
     def _update(self, engine: Engine) -> None:
         """Hold the step's output back for the group (one handler per iteration, not one per metric)."""

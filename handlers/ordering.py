@@ -15,9 +15,9 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
-from ignite.engine import Engine, EventEnum
+from ignite.engine import Engine, EventEnum, Events
 
-__all__ = ["Stage", "attach_ordered", "ordered_handlers"]
+__all__ = ["Stage", "attach_ordered", "by_iteration", "ordered_handlers", "record_period", "run_period"]
 
 _counter = itertools.count()
 
@@ -74,3 +74,29 @@ def wrap_ordered(engine: Engine, wrap: Callable[[Callable[..., Any], EventEnum],
     in order (a profiler timing them one by one)."""
     for event, dispatcher in engine.__dict__.get("_ordered_dispatchers", {}).items():
         dispatcher.entries = [(stage, order, wrap(fn, event), args) for stage, order, fn, args in dispatcher.entries]
+
+
+def run_period(trainer: Engine, every_iters: int | None = None, last_iteration: int | None = None) -> Any:
+    """The event at which the run's records close (train metrics published, validation, the history row,
+    decisions, checkpoints, console lines): each epoch's end, or with ``every_iters`` every that many
+    iterations and at ``last_iteration`` (the run's last, when known). Decided once per trainer: every
+    handler asking later gets the same event (one ordered dispatcher)."""
+    made = trainer.__dict__.get("_run_period")
+    if made is not None:
+        return made
+    if not every_iters:
+        event: Any = Events.EPOCH_COMPLETED
+    else:
+        event = Events.ITERATION_COMPLETED(event_filter=lambda _, i: i % every_iters == 0 or i == last_iteration)
+    trainer.__dict__["_run_period"] = event
+    return event
+
+
+def record_period(trainer: Engine) -> Any:
+    """The trainer's record period (:func:`run_period`), ``EPOCH_COMPLETED`` when none was set."""
+    return trainer.__dict__.get("_run_period", Events.EPOCH_COMPLETED)
+
+
+def by_iteration(trainer: Engine) -> bool:
+    """Whether the trainer's records close every N iterations rather than at epoch ends."""
+    return record_period(trainer) is not Events.EPOCH_COMPLETED

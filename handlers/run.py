@@ -29,6 +29,7 @@ from handlers.history import History
 from handlers.lr_schedule import LRSchedule
 from handlers.metrics import TrainMetrics
 from handlers.nan_guard import NanGuard
+from handlers.ordering import by_iteration
 from handlers.profile import Profile
 from handlers.signals import GracefulStop
 from handlers.tensorboard import TensorBoardLogging
@@ -181,9 +182,12 @@ class Run:
     def _summary(self, best: dict[str, Any] | None) -> None:
         out, checkpoint = self.output_dir, self.checkpoint
         if best is not None:
-            write_line(f"Best {self.monitor.replace('_', ' ')}: {_shown(self.monitor, best[self.monitor])} at epoch "
-                       f"{best['epoch']} ({len(self.history.epochs)} epoch(s) in all, this process "
-                       f"{time.perf_counter() - self.started:.1f} s)")
+            where, done = f"epoch {best['epoch']}", f"{len(self.history.epochs)} epoch(s) in all"
+            if by_iteration(self.trainer):  # a row per validation
+                where += f", iteration {best['iteration']}"
+                done = f"{len(self.history.epochs)} validation(s) in {self.trainer.state.epoch} epoch(s)"
+            write_line(f"Best {self.monitor.replace('_', ' ')}: {_shown(self.monitor, best[self.monitor])} at "
+                       f"{where} ({done}, this process {time.perf_counter() - self.started:.1f} s)")
         write_line(f"Checkpoints: {out / 'checkpoints'} (best: {checkpoint.best_path and checkpoint.best_path.name}, "
                    f"last: {checkpoint.last_path and checkpoint.last_path.name})")
         write_line(f"History: {out / 'history.json'}")

@@ -36,7 +36,7 @@ from handlers.adapters import add_hparams_fast, add_image_fast, add_scalars_fast
 from handlers.confusion import PICTURE_CLASSES, MisclassifiedCollector, confusion_table
 from handlers.history import History
 from handlers.images import confusion_matrix_image, labelled_grid
-from handlers.ordering import Stage, attach_ordered
+from handlers.ordering import Stage, attach_ordered, by_iteration, record_period
 
 __all__ = ["TensorBoardLogging", "MisclassifiedCollector"]
 
@@ -99,6 +99,7 @@ class TensorBoardLogging:
         self.history = history
         self.images_every = images_every
         self._logged = 0  # the iteration whose step points were written last
+        self._validations = 0  # (a run validating every N iterations) those seen, for images_every
         # tensorboardX names a file by the second it was made and the host: a resumed run started in the same
         # second (a quick restart) would truncate its predecessor's file. The suffix (nanoseconds, then the pid)
         # keeps every file, in the order they were made, which is the order TensorBoard's purge reads them in.
@@ -111,7 +112,7 @@ class TensorBoardLogging:
     def attach(self, trainer: Engine) -> TensorBoardLogging:
         if self.log_every:
             trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self.log_iteration)
-        attach_ordered(trainer, Events.EPOCH_COMPLETED, self.log_epoch, Stage.PUBLISH)
+        attach_ordered(trainer, record_period(trainer), self.log_epoch, Stage.PUBLISH)
         if self.histograms:
             every = Events.EPOCH_COMPLETED
             self.logger.attach(trainer, WeightsHistHandler(self.model, tag="weights"), every)
@@ -171,9 +172,16 @@ class TensorBoardLogging:
         flush_tensorboardx(self.writer)
 
     def _images_due(self, engine: Engine) -> bool:
-        epoch = engine.state.epoch
-        last = epoch == engine.state.max_epochs or engine.should_terminate  # early stop or a stop signal
-        return last or bool(self.images_every and epoch % self.images_every == 0)
+        """After the last validation (also one that stops the run), and every ``images_every`` epochs (or
+        validations, for a run validating every N iterations)."""
+        state = engine.state
+        if by_iteration(engine):
+            self._validations += 1
+            end = state.epoch_length and state.iteration == state.max_epochs * state.epoch_length
+            return bool(end or engine.should_terminate or (self.images_every and
+                                                            self._validations % self.images_every == 0))
+        last = state.epoch == state.max_epochs or engine.should_terminate  # early stop or a stop signal
+        return last or bool(self.images_every and state.epoch % self.images_every == 0)
 
     def log_hparams(self, config: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """The resolved config and final figures, for the HParams tab (sub-run ``hparams``)."""

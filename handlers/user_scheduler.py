@@ -20,7 +20,7 @@ from ignite.handlers.param_scheduler import ParamScheduler
 
 from engine.errors import ConfigError, param
 from handlers.feature import RunFeature, RunParts
-from handlers.ordering import Stage, attach_ordered
+from handlers.ordering import Stage, attach_ordered, record_period
 
 __all__ = ["INTERVALS", "UserScheduler"]
 
@@ -70,7 +70,7 @@ class UserScheduler(RunFeature):
         if isinstance(s, ParamScheduler):
             trainer.add_event_handler(Events.ITERATION_STARTED if self.interval == "step" else Events.EPOCH_STARTED, s)
         elif isinstance(s, _PLATEAU):
-            attach_ordered(trainer, Events.EPOCH_COMPLETED, self._plateau, Stage.DECISION)
+            attach_ordered(trainer, record_period(trainer), self._plateau, Stage.DECISION)
         elif self.interval == "step":
             step = getattr(trainer, "train_step", None)
             stepped: Callable[[], bool] = (lambda: step._pending == 0) if step is not None else (lambda: True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
 from engine.errors import ConfigError, param
-from handlers.ordering import Stage, attach_ordered
+from handlers.ordering import Stage, attach_ordered, by_iteration, record_period
 
 __all__ = ["Validation"]
 
@@ -42,20 +42,24 @@ class Validation:
         self.every = every
         self.prefix = prefix
         self.watched = dict(watched or {})
+        self._by_iteration = False
 
     def is_due(self, epoch: int, max_epochs: int | None) -> bool:
         """Whether ``epoch`` is a validation epoch."""
         return epoch % self.every == 0 or epoch == max_epochs
 
     def attach(self, trainer: Engine) -> Validation:
-        attach_ordered(trainer, Events.EPOCH_COMPLETED, self, Stage.VALIDATION)
+        """Validate at the trainer's record period (:func:`~handlers.ordering.run_period`): every ``every``
+        epochs (and after the last), or at each of its iterations when it validates every N iterations."""
+        self._by_iteration = by_iteration(trainer)
+        attach_ordered(trainer, record_period(trainer), self, Stage.VALIDATION)
         return self
 
     def __call__(self, trainer: Engine) -> None:
         metrics = trainer.state.metrics
         for key in [k for k in metrics if k.startswith(self.prefix)]:
             del metrics[key]
-        if not self.is_due(trainer.state.epoch, trainer.state.max_epochs):
+        if not self._by_iteration and not self.is_due(trainer.state.epoch, trainer.state.max_epochs):
             return
         self.evaluator.run(self.loader)
         for name, value in self.evaluator.state.metrics.items():

@@ -116,6 +116,21 @@ class KillAt:
         return self
 
 
+class KillValidating:
+    """SIGKILL this process in the middle of the validation at trainer iteration ``at`` (after its first batch)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def attach(self, trainer: Engine, evaluator: Engine) -> KillValidating:
+        def kill(_: Engine) -> None:
+            if trainer.state.iteration == self.at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        evaluator.add_event_handler(Events.ITERATION_COMPLETED(once=1), kill)
+        return self
+
+
 class SignalAt:
     """A user's Ctrl-C at a known place: SIGINT to this process after iteration ``at``; then ``again`` more
     from where a test wants the next ones: from inside the stop's checkpoint save (``save``; ``thrice``:
@@ -207,6 +222,7 @@ def peak_rss_gb() -> float:
 class Settings(RunSettings):
     kind: str = "augment"
     kill_at: int | None = None
+    kill_validating: int | None = None
     record: str | None = None
     model_transform: bool = True
     model_fn: bool = True
@@ -227,6 +243,7 @@ def train(s: Settings):
         s = dataclasses.replace(s, tensorboard=True, log_every=2, patience=3)
     started = time.perf_counter()
     extra = [KillAt(s.kill_at)] if s.kill_at else []
+    extra += [KillValidating(s.kill_validating)] if s.kill_validating else []
     extra += [SignalAt(s.signal_at, s.again_at)] if s.signal_at else []
     if s.again_at == "summary":
         sys.stdout = SignalAtLine(sys.stdout, "Checkpoints: ")
@@ -263,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.run_parser("A user's program.", Settings())
     parser.add_argument("--kind", choices=KINDS, default="augment")
     parser.add_argument("--kill-at", type=cli.positive_int)
+    parser.add_argument("--kill-validating", type=cli.positive_int)
     parser.add_argument("--record")
     parser.add_argument("--no-model-transform", dest="model_transform", action="store_false", default=None)
     parser.add_argument("--no-model-fn", dest="model_fn", action="store_false", default=None)

@@ -34,7 +34,7 @@ from handlers.checkpoint.loading import (
     restore,
     verify_checkpoint,
 )
-from handlers.ordering import Stage, attach_ordered
+from handlers.ordering import Stage, attach_ordered, by_iteration, record_period
 
 __all__ = [
     "FORMAT",
@@ -78,6 +78,8 @@ class SafeDiskSaver(DiskSaver):
             func(checkpoint, f, **self.kwargs)
         fsync_dir(Path(self.dirname))
         for name in self._pending_removals:
+            if name == Path(path).name:  # the same name saved again (Ignite drops the old item): the new file stays
+                continue
             try:
                 (Path(self.dirname) / name).unlink()
             except FileNotFoundError:
@@ -140,6 +142,14 @@ def _check_arguments(to_save: Mapping[str, Any], mode: str, n_saved: int, n_last
         raise ValueError(f"to_save may not use the reserved keys {sorted(reserved)}")
 
 
+def _best_name(engine: Engine, metric: str) -> str:
+    """``epoch=3_val_loss=0.0412``; with validations every N iterations ``epoch=3_iter=1250_val_loss=0.0412``."""
+    where = f"epoch={engine.state.epoch}"
+    if by_iteration(engine):
+        where += f"_iter={engine.state.iteration}"
+    return f"{where}_{metric}={_shown(engine, metric)}"
+
+
 def _shown(engine: Engine, metric: str) -> str:
     """The watched metric's value as a best checkpoint's name shows it (four decimals, its own sign)."""
     return f"{float(engine.state.metrics[metric]):.4f}"
@@ -196,8 +206,8 @@ class TrainingCheckpoint:
             score_name=metric,
             n_saved=n_saved,
             # the name shows the metric as it is: Ignite's {score} is the priority, negated for mode="min"
-            global_step_transform=lambda engine, _: f"{engine.state.epoch}_{metric}={_shown(engine, metric)}",
-            filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
+            global_step_transform=lambda engine, _: _best_name(engine, metric),
+            filename_pattern="{filename_prefix}_{global_step}.{ext}",
             include_self=True,
         )
         self.last = Checkpoint(
@@ -215,11 +225,20 @@ class TrainingCheckpoint:
                 stale.unlink(missing_ok=True)
 
     def attach(self, trainer: Engine) -> TrainingCheckpoint:
-        """Save at each epoch end (Stage.CHECKPOINT) and every ``every_iters`` iterations."""
-        attach_ordered(trainer, Events.EPOCH_COMPLETED, self, Stage.CHECKPOINT)
+        """Save best and last at each record period (Stage.CHECKPOINT: each epoch's end, or each validation of a
+        run validating every N iterations, which saves ``last`` at epoch ends too) and ``last`` every
+        ``every_iters`` iterations."""
+        attach_ordered(trainer, record_period(trainer), self, Stage.CHECKPOINT)
+        if by_iteration(trainer):
+            attach_ordered(trainer, Events.EPOCH_COMPLETED, self._save_last, Stage.CHECKPOINT)
         if self.every_iters:
             trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_iters), self._save_mid_epoch)
         return self
+
+    def _save_last(self, engine: Engine) -> None:
+        last = self.last_path
+        if last is None or last.name != f"last_iter={engine.state.iteration}.pt":  # not saved at this validation
+            self.save(engine, best=False)
 
     def _save_mid_epoch(self, engine: Engine) -> None:
         if mid_epoch(engine.state):  # epoch ends save anyway

@@ -47,6 +47,7 @@ class RunParts:
     check: BatchCheck | None = None  # how a batch is checked against the model (and a failing one explained)
     train_prepare: Callable | None = None  # the trainer's and the evaluator's prepare_batch (the label guards)
     val_prepare: Callable | None = None
+    dense_classes: int | None = None  # the classes of a dense classifier ([N, C, H, W] outputs: segmentation)
     run_model: nn.Module | None = None
     eval_model: nn.Module | None = None
     trainer: Engine | None = None

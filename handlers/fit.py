@@ -22,7 +22,7 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
-from ignite.metrics import Metric
+from ignite.metrics import ConfusionMatrix, Metric, mIoU
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
@@ -150,8 +150,10 @@ def _check_data(parts: RunParts, check_balance: bool) -> None:
     parts.check = BatchCheck(parts.calls, parts.loss_fn, parts.classification, device.device, parts.amp)
     for line in unregistered(model):
         write_line(line)
+    seen: dict[str, Any] = {}
     classes = parts.check.first_batches(model, {"training": parts.train_loader, "validation": parts.val_loader},
-                                        log=write_line)
+                                        log=write_line, seen=seen)
+    parts.dense_classes = classes if classes and seen.get("output_dims", 2) > 2 else None
     parts.train_prepare, parts.val_prepare = _guarded_labels(device, model, classes, parts.check)
     parts.amp, choice = choose_precision(parts.amp, model, parts.train_loader, parts.settings, device, parts.loss_fn,
                                          parts.calls)
@@ -211,7 +213,10 @@ def _make_evaluator(parts: RunParts, features: Sequence[RunFeature], metrics: Ma
     scored = parts.eval_model
     for feature in features:
         scored = feature.evaluated(scored)
-    return make_evaluator(scored, metrics or {})
+    extra = dict(metrics or {})
+    if parts.dense_classes:  # segmentation: the mean IoU over classes, as Ignite's mIoU computes it
+        extra.setdefault("miou", mIoU(ConfusionMatrix(parts.dense_classes, device=parts.device.device)))
+    return make_evaluator(scored, extra)
 
 
 def _saved(parts: RunParts, features: Sequence[RunFeature], to_save: Mapping[str, Any] | None) -> dict[str, Any]:

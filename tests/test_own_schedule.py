@@ -235,3 +235,24 @@ def test_the_readme_scheduler_program_runs_as_written(tmp_path):
     assert len(rows) == 2 and rows[0]["lr"] != rows[1]["lr"] and rows[-1]["val_accuracy"] > 0.8
     saved = torch.load(next((tmp_path / "r" / "checkpoints").glob("last_*.pt")), weights_only=True)
     assert saved["lr_scheduler"]["last_epoch"] == 48  # 2 epochs of 24 steps (1,536 samples in batches of 64)
+
+
+@pytest.mark.slow
+def test_a_segmentation_run_shows_its_per_pixel_confusion_and_mean_iou(tmp_path):
+    from engine import RunSettings
+    from handlers import fit, seed_everything
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 3, 8, 8, generator=g)
+    y = x.argmax(1)  # each pixel's class: its largest channel, which a 1x1 convolution learns
+    seed_everything(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 3, 1))
+    settings = RunSettings(output_dir=str(tmp_path / "r"), epochs=2, batch_size=16, lr=1e-2, progress=False,
+                           log_every=0, tb_images_every=1)
+    result = fit(model, (x[:64], y[:64]), (x[64:], y[64:]), settings)
+    assert result.exit_code == 0
+    assert all(0 < row["val_miou"] <= 1 for row in result.history)
+    assert result.history[-1]["val_miou"] > result.history[0]["val_miou"] - 0.05
+    acc = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("val/confusion_matrix")] == [4, 8]  # each epoch's last iteration

@@ -53,10 +53,12 @@ def check_batch(
     all_targets: torch.Tensor | None = None,
     log: Callable[[str], None] | None = None,
     model_fn: Callable[[nn.Module, Any], Any] | None = None,
+    seen: dict[str, Any] | None = None,
 ) -> int | None:
     """One forward of ``batch`` in eval mode, then :func:`diagnose`: a :class:`ConfigError` naming
     ``name`` for the first mismatch. ``all_targets`` (a set held as tensors): every label is checked.
     ``log``: what is odd but not wrong is said there (outputs that are already probabilities).
+    ``seen``: filled with what the forward showed (``output_dims``: 4 for a dense ``[N, C, H, W]`` output).
     Returns the number of classes when the loss takes class labels (the output's width), else ``None``."""
     from engine.trainer import predict
 
@@ -82,6 +84,8 @@ def check_batch(
         labels = isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and y_pred.dim() >= 2
         if classification and labels and all_targets is not None and not all_targets.is_floating_point():
             check_targets(all_targets, y_pred.shape[1], name, getattr(loss_fn, "ignore_index", -100))
+        if seen is not None:
+            seen["output_dims"] = y_pred.dim()
         return int(y_pred.shape[1]) if classification and labels else None
     finally:
         model.train(was_training)
@@ -141,7 +145,7 @@ class BatchCheck:
         """:func:`check_batch` of one batch."""
         return check_batch(model, batch, name, **self.options())
 
-    def first_batches(self, model: nn.Module, loaders: dict[str, Any],
-                      log: Callable[[str], None] | None = None) -> int | None:  # fmt: skip
-        """:func:`check_first_batches` of each set."""
-        return check_first_batches(model, loaders, log=log, **self.options())
+    def first_batches(self, model: nn.Module, loaders: dict[str, Any], log: Callable[[str], None] | None = None,
+                      seen: dict[str, Any] | None = None) -> int | None:  # fmt: skip
+        """:func:`check_first_batches` of each set (``seen``: see :func:`check_batch`)."""
+        return check_first_batches(model, loaders, log=log, seen=seen, **self.options())

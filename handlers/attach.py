@@ -219,8 +219,7 @@ def _record_summary(run: Run, info: dict[str, Any]) -> None:
 def _attach_handlers(run: Run, to_save: Mapping[str, Any], val_loader: Iterable, handlers: Sequence[Any],
                      train_loss_fn: Callable | None = None, accuracy_view: AccuracyView | None = None) -> None:
     s, trainer, evaluator = run.settings, run.trainer, run.evaluator
-    length = _epoch_length(run)
-    run_period(trainer, s.val_every_iters, s.epochs * length if length else None)  # (fit decided it already)
+    run_period(trainer, s.val_every_iters)  # (fit decided it already)
     # the groups' ends are fixed by the data alone, never by --log-every or a progress bar: the same sums, to the bit
     run.train_metrics = TrainMetrics(accuracy=run.classification, loss_fn=train_loss_fn, accuracy_view=accuracy_view,
                                      device=run.device.device).attach(trainer)

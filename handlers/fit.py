@@ -186,17 +186,9 @@ def _make_trainer(parts: RunParts, features: Sequence[RunFeature]) -> None:
         accumulation_steps=s.accumulation_steps, clip_grad_norm=s.clip_grad_norm,
         grad_norm_every=s.log_every if s.tensorboard else 0, channels_last=s.channels_last, seed=s.seed,
         **parts.calls.engine_kwargs(parts.train_prepare), **parts.engine_options)
-    run_period(parts.trainer, s.val_every_iters, _last_iteration(s, parts.train_loader))  # before any handler
+    run_period(parts.trainer, s.val_every_iters)  # before any handler attaches to it
     for feature in features:
         feature.on_trainer(parts)
-
-
-def _last_iteration(settings: RunSettings, loader: Any) -> int | None:
-    """The run's last iteration, where the loader's length is known (a stream's may not be)."""
-    try:
-        return settings.epochs * len(loader)
-    except TypeError:
-        return None
 
 
 def _make_evaluator(parts: RunParts, features: Sequence[RunFeature], metrics: Mapping[str, Metric] | None) -> Engine:

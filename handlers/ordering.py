@@ -76,18 +76,23 @@ def wrap_ordered(engine: Engine, wrap: Callable[[Callable[..., Any], EventEnum],
         dispatcher.entries = [(stage, order, wrap(fn, event), args) for stage, order, fn, args in dispatcher.entries]
 
 
-def run_period(trainer: Engine, every_iters: int | None = None, last_iteration: int | None = None) -> Any:
+def run_period(trainer: Engine, every_iters: int | None = None) -> Any:
     """The event at which the run's records close (train metrics published, validation, the history row,
     decisions, checkpoints, console lines): each epoch's end, or with ``every_iters`` every that many
-    iterations and at ``last_iteration`` (the run's last, when known). Decided once per trainer: every
-    handler asking later gets the same event (one ordered dispatcher)."""
+    iterations and at the run's last (once its length is known: a stream's after its first pass). Decided
+    once per trainer: every handler asking later gets the same event (one ordered dispatcher)."""
     made = trainer.__dict__.get("_run_period")
     if made is not None:
         return made
     if not every_iters:
         event: Any = Events.EPOCH_COMPLETED
     else:
-        event = Events.ITERATION_COMPLETED(event_filter=lambda _, i: i % every_iters == 0 or i == last_iteration)
+        def due(engine: Engine, iteration: int) -> bool:
+            state = engine.state
+            last = state.max_epochs * state.epoch_length if state.epoch_length and state.max_epochs else None
+            return iteration % every_iters == 0 or iteration == last
+
+        event = Events.ITERATION_COMPLETED(event_filter=due)
     trainer.__dict__["_run_period"] = event
     return event
 

@@ -90,7 +90,7 @@ SHARED_RUNS = ("uninterrupted", "killed_every_7", "run_dir")
 # started first, so that no worker is left with one of them at the end (tests/test_suite.py checks
 # that each name still starts a test's).
 LONGEST = ("test_seed_preset_", "test_every_one_of_the_files_single_bit_flips",
-           "test_torchrun_restarts_a_killed_worker")
+           "test_torchrun_restarts_a_killed_worker", "test_the_installed_wheel_trains")
 
 
 def shared_run(item) -> str | None:

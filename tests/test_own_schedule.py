@@ -7,6 +7,7 @@ Also: accumulation's last window of an epoch, and dense predictions' confusion c
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from torch import nn
 from engine import create_trainer
 from handlers.confusion import MisclassifiedCollector
 from tests import forkserver
+from tests.conftest import in_process
 from tests.test_train_mnist import figures
 
 PROGRAM = '''
@@ -81,12 +83,16 @@ def train(s):
                handlers=[Spy(s, held)])
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = cli.run_parser("A user's own scheduler.", Settings())
     parser.add_argument("--sched")
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--record")
-    sys.exit(cli.main(train, parser, Settings))
+    return cli.main(train, parser, Settings, argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
 '''
 ARGS = ["--save-every-iters", "5", "--log-every", "1", "--no-progress", "--seed", "3"]
 
@@ -116,8 +122,13 @@ def used(record: Path) -> dict[int, float]:
 def test_own_scheduler_killed_after_a_mid_epoch_checkpoint_resumes_exactly_and_logs_the_lr_each_step_used(
         tmp_path, sched, kill_at):  # fmt: skip
     (tmp_path / "own.py").write_text(PROGRAM)
-    code, out = run(tmp_path, "--output-dir", "straight", "--sched", sched, "--record", "straight.jsonl")
-    assert code == 0, out
+    spec = importlib.util.spec_from_file_location(f"own_{sched}", tmp_path / "own.py")  # the straight run here
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    done = in_process(module.main, [*ARGS, "--output-dir", str(tmp_path / "straight"), "--sched", sched,
+                                    "--record", str(tmp_path / "straight.jsonl")])
+    assert done.returncode == 0, done.stderr
     code, out = run(tmp_path, "--output-dir", "killed", "--sched", sched, "--record", "killed.jsonl",
                     "--kill-at", str(kill_at))
     assert code == -signal.SIGKILL, out
@@ -256,3 +267,34 @@ def test_a_segmentation_run_shows_its_per_pixel_confusion_and_mean_iou(tmp_path)
     acc = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"images": 0})
     acc.Reload()
     assert [e.step for e in acc.Images("val/confusion_matrix")] == [4, 8]  # each epoch's last iteration
+
+
+def test_an_ignite_param_scheduler_runs_where_ignite_runs_it_and_a_plateau_steps_on_the_monitor(tmp_path):
+    from ignite.handlers import PiecewiseLinear
+
+    from engine import ConfigError, RunSettings
+    from handlers import fit, seed_everything
+    from tests.test_run import Regressor, regression_data
+
+    base = dict(epochs=2, batch_size=32, progress=False, log_every=0, monitor="val_loss", mode="min", seed=1)
+    seed_everything(1)
+    model = Regressor()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ramp = PiecewiseLinear(optimizer, "lr", [(0, 0.01), (40, 0.05)])  # 20 iterations an epoch
+    result = fit(model, regression_data(640, 1), regression_data(200, 2),
+                 RunSettings(output_dir=str(tmp_path / "a"), **base), classification=False, optimizer=optimizer,
+                 lr_scheduler=ramp)
+    assert [round(r["lr"], 6) for r in result.history] == [round(0.01 + 0.04 * 19 / 40, 6), 0.049]
+    seed_everything(1)
+    model = Regressor()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", patience=0, factor=0.5,
+                                                         threshold=10.0)  # never an improvement: halve each time
+    result = fit(model, regression_data(640, 1), regression_data(200, 2),
+                 RunSettings(output_dir=str(tmp_path / "b"), **{**base, "epochs": 3}), classification=False,
+                 optimizer=optimizer, lr_scheduler=plateau, lr_scheduler_interval="epoch")
+    assert [r["lr"] for r in result.history] == [0.1, 0.05, 0.025]  # each epoch's steps, before its validation
+    with pytest.raises(ConfigError, match="both --scheduler onecycle|both scheduler='onecycle'"):
+        fit(Regressor(), regression_data(64, 1), regression_data(32, 2),
+            RunSettings(output_dir=str(tmp_path / "c"), scheduler="onecycle", **base), classification=False,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1))

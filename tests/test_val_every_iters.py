@@ -28,13 +28,13 @@ KILLED = [("fast", 0, ["--kill-at", "13"]), ("augment", 2, ["--kill-validating",
 def test_a_run_validating_every_n_iterations_killed_and_resumed_equals_an_uninterrupted_one(tmp_path, kind, workers,
                                                                                             kill):
     args = ["--kind", kind, "--num-workers", str(workers), "--save-every-iters", "2", "--seed", "4",
-            "--val-every-iters", EVERY, "--deterministic"]
+            "--val-every-iters", EVERY, "--epochs", "2", "--deterministic"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     done = in_this_process(*args, "--output-dir", str(straight))
     assert done.returncode == 0, done.stderr
     rows = history(straight)
     length = 8  # the stream: 200 samples, 100 a worker, 4 batches each
-    expected = [i for i in range(1, 3 * length + 1) if i % 3 == 0 or i == 3 * length]
+    expected = [i for i in range(1, 2 * length + 1) if i % 3 == 0 or i == 2 * length]
     assert [r["iteration"] for r in rows] == expected  # one row per validation, with its epoch and iteration
     assert [r["epoch"] for r in rows] == [(i - 1) // length + 1 for i in expected]
     first = program(*args, "--output-dir", str(killed), *kill)

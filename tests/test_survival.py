@@ -135,11 +135,15 @@ def test_a_resume_that_would_move_the_data_position_is_one_line_and_leaves_the_f
 
 def test_a_training_set_of_another_length_is_refused(my_train, tmp_path):
     home, module = my_train
-    short = tmp_path / "short.py"  # the same program, 2,048 training samples instead of 4,096
+    short = tmp_path / "short.py"  # the same program, 2,048 training samples instead of 4,096 (in this process)
     short.write_text(readme_program().replace("make_data(4096, 1)", "make_data(2048, 1)"))
+    spec = importlib.util.spec_from_file_location("readme_my_train_short", short)
+    shorter = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = shorter
+    spec.loader.exec_module(shorter)
     before = snapshot(home / "runs" / "a")
-    proc = python(str(short), "--output-dir", str(home / "runs" / "a"), "--resume", "auto", "--epochs", "4", *QUIET,
-                  cwd=home)
+    proc = in_process(main_of(shorter), ["--output-dir", str(home / "runs" / "a"), "--resume", "auto", "--epochs", "4",
+                                         *QUIET])
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "the training data holds 64 batches an epoch now and held 128 when this run was saved" in proc.stderr
     assert snapshot(home / "runs" / "a") == before

@@ -87,7 +87,7 @@ def _fresh_env(folder: Path) -> Path:
 
 def _pip(python: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pip", "--python", str(python), *args, "--disable-pip-version-check"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=_clean_env())  # no checkout on its path
 
 
 def test_the_sdist_carries_the_tests_examples_readme_and_licence(dists):

@@ -160,7 +160,8 @@ def _all_finite(model: nn.Module) -> bool:
 
 
 class TrainingCheckpoint:
-    """Saves ``to_save`` into ``dirname``: ``best_epoch=E_<metric>=S.pt`` (the ``n_saved`` best by
+    """Saves ``to_save`` into ``dirname``: ``best_epoch=E_<metric>=S.pt`` (``best_epoch=E_iter=I_...`` when the run
+    validates every N iterations; the ``n_saved`` best by
     ``metric``) and ``last_iter=I.pt`` (the ``n_last`` latest), at each epoch end (Stage.CHECKPOINT)
     and, with ``every_iters``, every that many iterations in between (for exact mid-epoch resume).
 

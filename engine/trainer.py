@@ -154,6 +154,11 @@ class TrainStep:
         else:
             optimizer.step()
 
+    @property
+    def stepped(self) -> bool:
+        """Whether the latest batch ended an accumulation window (the optimizer stepped)."""
+        return self._pending == 0
+
     def finish_window(self, engine: Engine) -> None:
         """At an epoch's end whose length was not known in advance (a stream's first pass): the window the
         pass cut short is stepped, its gradients scaled from ``1 / accumulation_steps`` to ``1 / its size``."""

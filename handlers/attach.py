@@ -267,11 +267,9 @@ def _lr_used(run: Run) -> Callable[[], float]:
 
 def _epoch_length(run: Run) -> int | None:
     """Batches per epoch; ``None`` for a stream of unknown length (then no schedule defined over the run)."""
-    try:
-        return len(run.train_loader)  # type: ignore[arg-type]
-    except TypeError:
-        if run.settings.scheduler not in ("none", "plateau") or run.settings.warmup_epochs:
-            raise ConfigError(f"{param('scheduler')} {run.settings.scheduler} (and {param('warmup_epochs')}) needs "
-                              f"the length of an epoch, which a stream does not tell: set {param('epoch_length')} "
-                              f"(batches per epoch), or use {param('scheduler')} none or plateau") from None
-        return None
+    length = _loader_length(run.train_loader)
+    if length is None and (run.settings.scheduler not in ("none", "plateau") or run.settings.warmup_epochs):
+        raise ConfigError(f"{param('scheduler')} {run.settings.scheduler} (and {param('warmup_epochs')}) needs "
+                          f"the length of an epoch, which a stream does not tell: set {param('epoch_length')} "
+                          f"(batches per epoch), or use {param('scheduler')} none or plateau")
+    return length

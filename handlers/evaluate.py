@@ -13,7 +13,6 @@ from ignite.engine import Events
 from ignite.metrics import Metric
 from torch import nn
 
-from engine.amp import resolve_amp
 from engine.batch import ModelCalls, split_batch, to_device
 from engine.checks import BatchCheck, input_mismatch
 from engine.determinism import deterministic_algorithms
@@ -22,9 +21,10 @@ from engine.errors import ConfigError
 from engine.evaluator import create_evaluator
 from engine.settings import RunSettings
 from handlers.checkpoint import load_checkpoint
-from handlers.console import quiet_ignite, write_line
+from handlers.console import quiet_ignite
 from handlers.loaders import Data, eval_loader
 from handlers.metrics import AccuracyView, validation_metrics
+from handlers.precision import resolve_precision
 
 __all__ = ["evaluate", "predict"]
 
@@ -43,12 +43,13 @@ def _ready(model: nn.Module, settings: RunSettings | None, checkpoint: str | Pat
             first = str(exc).strip().splitlines()[0]
             raise ConfigError(f"checkpoint {checkpoint} holds another model's weights ({first}): build the model "
                               f"as the run that saved it did") from exc
-    device = process_device(settings.device).device
+    run_device = process_device(settings.device)
+    device = run_device.device
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
     model.eval()
-    return settings, device, resolve_amp(settings.amp, device, log=write_line)
+    return settings, device, resolve_precision(settings, run_device)
 
 
 def evaluate(

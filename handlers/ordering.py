@@ -17,7 +17,8 @@ from typing import Any
 
 from ignite.engine import Engine, EventEnum, Events
 
-__all__ = ["Stage", "attach_ordered", "by_iteration", "ordered_handlers", "record_period", "run_period"]
+__all__ = ["Stage", "attach_ordered", "by_iteration", "last_iteration", "ordered_handlers", "record_period",
+           "run_period"]
 
 _counter = itertools.count()
 
@@ -88,13 +89,16 @@ def run_period(trainer: Engine, every_iters: int | None = None) -> Any:
         event: Any = Events.EPOCH_COMPLETED
     else:
         def due(engine: Engine, iteration: int) -> bool:
-            state = engine.state
-            last = state.max_epochs * state.epoch_length if state.epoch_length and state.max_epochs else None
-            return iteration % every_iters == 0 or iteration == last
+            return iteration % every_iters == 0 or iteration == last_iteration(engine.state)
 
         event = Events.ITERATION_COMPLETED(event_filter=due)
     trainer.__dict__["_run_period"] = event
     return event
+
+
+def last_iteration(state: Any) -> int | None:
+    """The run's last iteration, once the epochs' length is known (a stream's after its first pass)."""
+    return state.max_epochs * state.epoch_length if state.epoch_length and state.max_epochs else None
 
 
 def record_period(trainer: Engine) -> Any:

@@ -154,10 +154,9 @@ class GracefulStop:
     def _save(self, engine: Engine) -> None:
         if self.received is None or self.checkpoint is None:
             return
-        path = self.checkpoint.last_path
-        if path is None or path.name != f"last_iter={engine.state.iteration}.pt":  # not already saved at this one
+        if not self.checkpoint.saved_at(engine.state.iteration):
             self.checkpoint.save(engine, best=False)  # Ignite's Checkpoint writes on rank 0 only
-            path = self.checkpoint.last_path
+        path = self.checkpoint.last_path
         self.log(f"Saved {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
                  f"continue with {param('resume', 'auto')}")
         self.phase = "finishing"

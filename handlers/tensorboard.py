@@ -36,7 +36,7 @@ from handlers.adapters import add_hparams_fast, add_image_fast, add_scalars_fast
 from handlers.confusion import PICTURE_CLASSES, MisclassifiedCollector, confusion_table
 from handlers.history import History
 from handlers.images import confusion_matrix_image, labelled_grid
-from handlers.ordering import Stage, attach_ordered, by_iteration, record_period
+from handlers.ordering import Stage, attach_ordered, by_iteration, last_iteration, record_period
 
 __all__ = ["TensorBoardLogging", "MisclassifiedCollector"]
 
@@ -177,7 +177,7 @@ class TensorBoardLogging:
         state = engine.state
         if by_iteration(engine):
             self._validations += 1
-            end = state.epoch_length and state.iteration == state.max_epochs * state.epoch_length
+            end = state.iteration == last_iteration(state)
             return bool(end or engine.should_terminate or (self.images_every and
                                                             self._validations % self.images_every == 0))
         last = state.epoch == state.max_epochs or engine.should_terminate  # early stop or a stop signal

@@ -11,7 +11,7 @@ console record is the learning rate each step used, whoever set it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -73,8 +73,8 @@ class UserScheduler(RunFeature):
             attach_ordered(trainer, record_period(trainer), self._plateau, Stage.DECISION)
         elif self.interval == "step":
             step = getattr(trainer, "train_step", None)
-            stepped: Callable[[], bool] = (lambda: step._pending == 0) if step is not None else (lambda: True)
-            trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: s.step() if stepped() else None)
+            trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                                      lambda _: s.step() if step is None or step.stepped else None)
         else:
             attach_ordered(trainer, Events.EPOCH_COMPLETED, lambda _: s.step(), Stage.DECISION)
         return self

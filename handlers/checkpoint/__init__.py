@@ -236,9 +236,13 @@ class TrainingCheckpoint:
             trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_iters), self._save_mid_epoch)
         return self
 
-    def _save_last(self, engine: Engine) -> None:
+    def saved_at(self, iteration: int) -> bool:
+        """Whether the newest ``last`` file is this iteration's."""
         last = self.last_path
-        if last is None or last.name != f"last_iter={engine.state.iteration}.pt":  # not saved at this validation
+        return last is not None and last.name == f"last_iter={iteration}.pt"
+
+    def _save_last(self, engine: Engine) -> None:
+        if not self.saved_at(engine.state.iteration):  # not saved at this validation already
             self.save(engine, best=False)
 
     def _save_mid_epoch(self, engine: Engine) -> None:

@@ -35,7 +35,8 @@ class InMemoryLoader:
         seed: seed of the order.
         device: where to hold the tensors (default: where they are).
         max_batches: cap on batches per epoch (``None``: all).
-        rank, world_size: this process's shard.
+        rank: this process's index among ``world_size``.
+        world_size: the number of processes the data is sharded over.
         weights: one per sample (with ``shuffle``): each epoch draws as many samples with replacement,
             in proportion (see :func:`engine.sampler.draw_order`).
     """

@@ -20,9 +20,19 @@ __all__ = [
     "param",
 ]
 
-EXIT_OK, EXIT_SAVE, EXIT_USAGE, EXIT_NAN = 0, 1, 2, 3  # and 128 + signal (130, 143) for a stop signal
-EXIT_PEER = 4  # another process of a distributed run died
-EXIT_STALL = 5  # no batch came (or a step did not return) for settings.stall_timeout seconds
+EXIT_OK = 0
+"""The run finished, also when early stopping ended it."""
+EXIT_SAVE = 1
+"""A bug in the user's code, or a checkpoint that could not be written."""
+EXIT_USAGE = 2
+"""A bad flag, setting, data set or checkpoint: one line says which (as argparse's own exit code)."""
+EXIT_NAN = 3
+"""The loss became NaN or infinite."""
+EXIT_PEER = 4
+"""Another process of a distributed run died."""
+EXIT_STALL = 5
+"""No batch came, or a step did not return, for ``settings.stall_timeout`` seconds."""
+# and 128 + the signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP) for a stop signal
 
 
 _flags: dict[str, str] = {}  # setting -> command-line flag, while a command-line layer runs

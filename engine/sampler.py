@@ -61,7 +61,8 @@ class ResumableRandomSampler(Sampler[int]):
         num_samples: size of the data set.
         seed: seed of the order.
         max_samples: cap per epoch on this rank (``None``: all), e.g. ``limit_batches * batch_size``.
-        rank, world_size: this process's shard.
+        rank: this process's index among ``world_size``.
+        world_size: the number of processes the data is sharded over.
         keyed: yield ``(epoch, index)`` pairs.
         weights: one per sample: an epoch draws ``num_samples`` indices with replacement, in proportion
             (class imbalance: ``(1 / torch.bincount(y).double())[y]``); see :func:`draw_order`.

@@ -89,10 +89,11 @@ def attach_run(
     evaluator)`` or ``attach(trainer)``; those with ``state_dict`` are saved in every checkpoint).
 
     Args:
-        trainer, evaluator: from :func:`engine.create_trainer` / :func:`engine.create_evaluator`
-            (or your own engines with the same outputs).
-        train_loader, val_loader: what the engines iterate; the training data order (an
-            ``InMemoryLoader`` or a ``ResumableRandomSampler``) is saved and restored exactly.
+        trainer: from :func:`engine.create_trainer` (or your own engine with the same output).
+        evaluator: from :func:`engine.create_evaluator` (or your own engine with the same output).
+        train_loader: what the trainer iterates; its data order (an ``InMemoryLoader`` or a
+            ``ResumableRandomSampler``) is saved and restored exactly.
+        val_loader: what the evaluator iterates.
         to_save: at least ``"model"`` and ``"optimizer"``; anything else with ``state_dict``.
         settings: see :class:`engine.RunSettings`; ``settings.output_dir`` and ``settings.resume``
             (``"auto"`` or a path) say where and whether to continue.

@@ -35,6 +35,17 @@ __all__ = ["OneLineParser", "add_run_arguments", "exit_process", "launch", "main
 S = TypeVar("S", bound=RunSettings)
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Argparse's defaults in ``--help``, but not ``(default: None)`` (a flag not given: the preset or the
+    settings decide) and not a second default after a help text that already says its own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or "(default:" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag costs one line on stderr (and exit code 2), not the whole usage."""
 
@@ -195,7 +206,7 @@ def _distributed_flags(p: argparse.ArgumentParser, d: RunSettings) -> None:
 
 def run_parser(description: str, defaults: RunSettings | None = None, data_env: str | None = None) -> OneLineParser:
     """A :class:`OneLineParser` with every run flag (see :func:`add_run_arguments`)."""
-    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=description, formatter_class=DefaultsFormatter)
     return add_run_arguments(parser, defaults, data_env)
 
 

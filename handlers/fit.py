@@ -245,10 +245,14 @@ def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None =
 
     Args:
         model: any ``nn.Module``; moved to ``settings.device`` (DDP-wrapped in a distributed run).
-        train, val: a pair of tensors ``(inputs, targets)`` (held on the device), a ``Dataset``
+        train: a pair of tensors ``(inputs, targets)`` (held on the device), a ``Dataset``
             (read batch by batch through a ``DataLoader``, its random transforms drawn afresh each
             epoch) or an ``IterableDataset`` (a stream); see :func:`make_loaders`.
+        val: the validation set, any of the same kinds.
         settings: :class:`engine.RunSettings` (default: all defaults).
+        **options: the keyword arguments of :func:`build_run`, below.
+
+    Keyword Args:
         loss_fn: default cross-entropy (with ``settings.label_smoothing``) for classification, else MSE.
         optimizer: default from ``settings`` (:func:`make_optimizer`).
         classification: ``False`` for regression or anything else without class labels: no accuracy,

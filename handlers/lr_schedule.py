@@ -33,13 +33,15 @@ class LRSchedule:
     Args:
         name: one of :data:`SCHEDULERS`.
         optimizer: whose ``lr`` is scheduled; its current ``lr`` is the peak.
-        epochs, epoch_length: length of the run, for schedules defined over it (``epoch_length``
-            ``None``, a stream of unknown length: ``none`` and ``plateau`` only).
+        epochs: length of the run in epochs, for schedules defined over it.
+        epoch_length: iterations an epoch (``None``, a stream of unknown length: ``none`` and ``plateau`` only).
         warmup_epochs: linear warm-up from ``lr / 100`` (onecycle: its rising phase; default 25%).
-        step_epochs, gamma: ``step`` multiplies the LR by ``gamma`` every ``step_epochs`` epochs.
-        plateau_patience, plateau_factor: ``plateau`` multiplies by ``factor`` after ``patience``
-            validations without improvement.
-        metric, mode: what ``plateau`` follows.
+        step_epochs: ``step`` multiplies the LR by ``gamma`` every ``step_epochs`` epochs.
+        gamma: the factor of ``step``.
+        plateau_patience: validations without improvement before ``plateau`` lowers the LR.
+        plateau_factor: what ``plateau`` multiplies the LR by then.
+        metric: what ``plateau`` follows.
+        mode: ``"max"`` or ``"min"``, the direction of an improvement of ``metric``.
     """
 
     def __init__(

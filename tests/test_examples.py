@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests import forkserver
 from tests.conftest import ROOT
+from tests.docs_blocks import block
 
 pytestmark = pytest.mark.slow
 EXAMPLES = ROOT / "examples"
@@ -25,11 +26,8 @@ QUIET = ["--no-progress"]
 
 
 def readme_program() -> str:
-    """The first python block of the README's section "Your own model and data"."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Your own model and data") :]
-    start = section.index("```python\n") + len("```python\n")
-    return section[start : section.index("```\n", start)]
+    """The README's own-model program, ``my_train.py``."""
+    return block("my_train.py")
 
 
 def run(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -49,7 +47,7 @@ def test_examples_are_short_and_hold_no_run_machinery(name, limit):
 
 def test_the_readme_text_example_is_the_script_and_trains_as_written(tmp_path):
     source = (EXAMPLES / "train_text.py").read_text()
-    assert f"```python\n{source}```\n" in (ROOT / "README.md").read_text()  # the README's copy is the file
+    assert block("train_text.py") == source  # the docs' copy is the file
     proc = run(str(EXAMPLES / "train_text.py"), "--output-dir", str(tmp_path / "r"), *QUIET, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((tmp_path / "r" / "history.json").read_text())

@@ -24,6 +24,7 @@ from engine import create_trainer
 from handlers.confusion import MisclassifiedCollector
 from tests import forkserver
 from tests.conftest import in_process
+from tests.docs_blocks import block
 from tests.test_train_mnist import figures
 
 PROGRAM = '''
@@ -224,11 +225,8 @@ def test_dense_predictions_count_every_pixel():
 
 
 def readme_schedule_program() -> str:
-    """The README's own-scheduler program (the python block after "Your own scheduler instead")."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text[text.index("- Your own scheduler instead"):]
-    start = section.index("```python\n") + len("```python\n")
-    return "\n".join(line[2:] for line in section[start:section.index("```\n", start)].splitlines()) + "\n"
+    """The docs' own-scheduler program (handlers.md), ``own_schedule.py``."""
+    return block("own_schedule.py")
 
 
 @pytest.mark.slow

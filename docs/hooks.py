@@ -12,6 +12,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = re.compile(r"<!-- flags: (\S+) -->")
+ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|exc):(?=<code>)")  # Sphinx's roles, read by no one here
 
 
 def load_script(relative: str) -> Any:
@@ -43,7 +44,7 @@ def _default(action: argparse.Action, resolved: Any) -> str:
 
 
 def _cell(text: str | None) -> str:
-    return (text or "").replace("|", "\\|").replace("\n", " ")
+    return (text or "").replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def flag_table(relative: str) -> str:
@@ -72,3 +73,8 @@ def flag_table(relative: str) -> str:
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any, **kwargs: Any) -> str:
     return MARKER.sub(lambda m: flag_table(m.group(1)), markdown)
+
+
+def on_post_page(output: str, page: Any, config: Any, **kwargs: Any) -> str:
+    """The docstrings' Sphinx roles (``:func:`fit```) shown as the plain code they name."""
+    return ROLE.sub("", output)

@@ -121,6 +121,7 @@ class TrainMetrics:
         self._group: list[tuple[Any, Any, Any]] = []  # (loss, y_pred, y) of the batches held back
         self._group_elements = 0
         self._restored = False  # whether the group is the one a checkpoint held back
+        self._signature: tuple | None = None  # of the group's first item (see _signature)
         self._pending: dict[str, Any] | None = None
         self._trainer: Engine | None = None
 
@@ -143,13 +144,17 @@ class TrainMetrics:
         """Hold the step's output back for the group (one handler per iteration, not one per metric)."""
         output = engine.state.output
         item = (output["loss"], output["y_pred"], output["y"])
+        signature = _signature(item)
         if self._group:
             if self._restored:  # held back by the checkpoint's run, loaded on the CPU: onto this run's device
                 if isinstance(item[1], torch.Tensor):
                     self._group = to_device(self._group, item[1].device)
+                self._signature = _signature(self._group[0])
                 self._restored = False
-            if not _joins(self._group[0], item):
+            if signature is None or signature != self._signature:  # it cannot be concatenated onto the group
                 self._flush()
+        if not self._group:
+            self._signature = signature
         self._group.append(item)
         self._group_elements += item[1].numel() if isinstance(item[1], torch.Tensor) else _GROUP_ELEMENTS
         if len(self._group) >= _GROUP_BATCHES or self._group_elements >= _GROUP_ELEMENTS or (
@@ -169,7 +174,7 @@ class TrainMetrics:
         else:
             y_pred, y = torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group])
             if self.loss_fn is None:  # the steps' mean losses, weighted by their batch sizes (no host copy)
-                loss = torch.stack([g[0] * len(g[2]) for g in group]).sum() / len(y)
+                loss = _weighted_sum(group) / len(y)
         metrics["loss"].update((y_pred.float(), y) if self.loss_fn is not None else (loss, y))
         if "accuracy" in metrics:
             metrics["accuracy"].update(self.accuracy_view((y_pred, y)))
@@ -227,14 +232,24 @@ def _saved(t: Any) -> Any:
     return t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor) else t
 
 
-def _joins(first: tuple[Any, Any, Any], item: tuple[Any, Any, Any]) -> bool:
-    """Whether ``item`` (loss, y_pred, y) can be concatenated onto a group that starts with ``first``."""
-    for a, b in zip(first, item):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return False
-        if a.dtype != b.dtype or a.dim() != b.dim() or a.shape[1:] != b.shape[1:] or a.device != b.device:
-            return False
-    return item[0].dim() == 0 and item[1].dim() > 0 and item[2].dim() > 0
+def _weighted_sum(group: list[tuple[Any, Any, Any]]) -> torch.Tensor:
+    """The sum of each step's mean loss times its batch size: one multiplication for a group whose batches are
+    of one size (the same products, to the bit, as one per step, and no copy to the device), else one a step."""
+    size = len(group[0][2])
+    if all(len(g[2]) == size for g in group):
+        return torch.stack([g[0] for g in group]).mul_(size).sum()
+    return torch.stack([g[0] * len(g[2]) for g in group]).sum()
+
+
+def _signature(item: tuple[Any, Any, Any]) -> tuple | None:
+    """What must match for ``item`` (loss, y_pred, y) to be concatenated onto a group: dtypes, dims, the shapes
+    past the batch and the devices; ``None`` for an item that never joins (not tensors, a loss not a scalar)."""
+    loss, y_pred, y = item
+    if not (isinstance(loss, torch.Tensor) and isinstance(y_pred, torch.Tensor) and isinstance(y, torch.Tensor)):
+        return None
+    if loss.dim() != 0 or y_pred.dim() == 0 or y.dim() == 0:
+        return None
+    return loss.dtype, loss.device, y_pred.dtype, y_pred.shape[1:], y_pred.device, y.dtype, y.shape[1:], y.device
 
 
 def validation_metrics(loss_fn: Callable, classification: bool, view: AccuracyView,

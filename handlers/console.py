@@ -77,16 +77,15 @@ class ConsoleLogger:
         self._by_iteration = False
 
     def attach(self, trainer: Engine) -> ConsoleLogger:
-        if self.log_every:
-            every = self.log_every
-
-            def due(engine: Engine, iteration: int) -> bool:
-                return _batch(engine.state) % every == 0
-
-            trainer.add_event_handler(Events.ITERATION_COMPLETED(event_filter=due), self.batch_line)
+        if self.log_every:  # one plain handler that looks at the count (cheaper than Ignite's filtered event)
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._each_iteration)
         self._by_iteration = by_iteration(trainer)
         attach_ordered(trainer, record_period(trainer), self.epoch_lines, Stage.LOGGING)
         return self
+
+    def _each_iteration(self, engine: Engine) -> None:
+        if _batch(engine.state) % self.log_every == 0:
+            self.batch_line(engine)
 
     def batch_line(self, engine: Engine) -> None:
         figures = _figures(self.train_metrics.running(), self.train_metrics.prefix, "Train")

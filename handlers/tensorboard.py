@@ -111,13 +111,17 @@ class TensorBoardLogging:
 
     def attach(self, trainer: Engine) -> TensorBoardLogging:
         if self.log_every:
-            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self.log_iteration)
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._each_iteration)  # no filter: cheaper
         attach_ordered(trainer, record_period(trainer), self.log_epoch, Stage.PUBLISH)
         if self.histograms:
             every = Events.EPOCH_COMPLETED
             self.logger.attach(trainer, WeightsHistHandler(self.model, tag="weights"), every)
             self.logger.attach(trainer, GradsHistHandler(self.model, tag="grads"), every)
         return self
+
+    def _each_iteration(self, engine: Engine) -> None:
+        if engine.state.iteration % self.log_every == 0:
+            self.log_iteration(engine)
 
     def before_checkpoint(self, engine: Engine) -> None:
         """Before a checkpoint at this iteration: its step's points (if due and not yet logged: the checkpoint's

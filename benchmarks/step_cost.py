@@ -5,10 +5,11 @@ the step: Python, event dispatch, handlers. The same host work is what a launch-
 
 Each side's training call is timed at two lengths (``--short`` and ``--long`` iterations, one epoch, a tiny
 validation set); the slope between them is the cost of a step without the fixed costs (set-up, the epoch's
-end, the summary). Rounds alternate the sides (the order rotated each round) and the median slope of
-``--rounds`` rounds is reported.
+end, the summary). Rounds alternate the sides (the order rotated each round); each side's slope is divided by
+the loop's of the same round, and the median of those ratios over ``--rounds`` rounds is reported (this
+machine's speed drifts by tens of percent within minutes: a ratio of two medians taken apart drifts with it).
 
-    python benchmarks/step_cost.py [--rounds 3] [--short 100] [--long 2100] [--device cpu|cuda]
+    python benchmarks/step_cost.py [--rounds 5] [--short 100] [--long 2100] [--device cpu|cuda]
 
 Last line: ``ratio_<side>=<side / loop>`` for plain Ignite, this library and, when installed, Lightning.
 """
@@ -19,7 +20,7 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from common import machine, quiet
@@ -141,11 +142,82 @@ def lightning(n: int, device: torch.device) -> float | None:
     return took
 
 
+class Stepped:
+    """A side advanced ``segment`` iterations at a time, for :func:`interleaved`: an engine paused by Ignite's
+    ``interrupt()`` (the pause counted against it), or the loop as a generator."""
+
+    def __init__(self, name: str, n: int, segment: int, device: torch.device) -> None:
+        self.out = tempfile.TemporaryDirectory()
+        x, y = data(n, device)
+        if name == "loop":
+            self.gen = self._loop(x, y, segment, device)
+            return
+        if name == "ignite":
+            net = model(device)
+            engine = create_supervised_trainer(net, torch.optim.Adam(net.parameters(), lr=1e-3), nn.CrossEntropyLoss(),
+                                               device=device)
+            loader: object = [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(n)]
+            run_once = lambda: engine.run(loader, max_epochs=1)  # noqa: E731
+        else:
+            seed_everything(0)
+            settings = RunSettings(output_dir=f"{self.out.name}/run", epochs=1, batch_size=BATCH,
+                                   val_batch_size=BATCH, progress=False, device=str(device), seed=0)
+            with quiet():
+                run = build_run(model(device), (x, y), data(1, device), settings)
+            engine, loader = run.trainer, run.train_loader
+            run_once = lambda: engine.run(loader, max_epochs=1)  # noqa: E731
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=segment), lambda e: e.interrupt())
+        self.gen = self._engine(run_once)
+
+    @staticmethod
+    def _engine(run_once: Callable[[], object]) -> Iterator[None]:
+        while True:
+            with quiet():
+                run_once()
+            yield
+
+    @staticmethod
+    def _loop(x: torch.Tensor, y: torch.Tensor, segment: int, device: torch.device) -> Iterator[None]:
+        net = model(device)
+        optimizer, loss_fn = torch.optim.Adam(net.parameters(), lr=1e-3), nn.CrossEntropyLoss()
+        total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        for i in range(len(x) // BATCH):
+            xb, yb = x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]
+            optimizer.zero_grad(set_to_none=True)
+            out = net(xb)
+            loss = loss_fn(out, yb)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * len(yb)
+            correct += (out.detach().argmax(1) == yb).sum()
+            if (i + 1) % segment == 0:
+                yield
+
+
+def interleaved(names: list[str], n: int, segment: int, device: torch.device) -> dict[str, float]:
+    """Seconds a step of each side, the sides advanced in turn ``segment`` iterations at a time (the order rotated
+    each turn), in the middle of one epoch (its first two and its last segments left out): drift hits all alike."""
+    sides = {name: Stepped(name, n, segment, device) for name in names}
+    seconds = dict.fromkeys(names, 0.0)
+    turns = n // segment - 1  # the last segment would hold the epoch's end
+    for turn in range(turns):
+        order = names[turn % len(names):] + names[:turn % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            next(sides[name].gen)
+            if turn >= 2:
+                seconds[name] += time.perf_counter() - start
+    for side in sides.values():
+        side.out.cleanup()
+    return {name: s / ((turns - 2) * segment) for name, s in seconds.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--short", type=int, default=100)
     p.add_argument("--long", type=int, default=2100)
+    p.add_argument("--segment", type=int, default=100, help="iterations a turn in the interleaved measurement")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -156,6 +228,7 @@ def main() -> None:
     for side in sides.values():  # warm-up: imports, allocator, first kernels
         side(args.short, device)
     slopes: dict[str, list[float]] = {name: [] for name in sides}
+    ratios: dict[str, list[float]] = {name: [] for name in sides if name != "loop"}
     names = list(sides)
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -163,10 +236,25 @@ def main() -> None:
             short, long = sides[name](args.short, device), sides[name](args.long, device)
             if short is not None and long is not None:
                 slopes[name].append((long - short) / (args.long - args.short))
-    us = {name: statistics.median(s) * 1e6 for name, s in slopes.items() if s}
-    for name, value in us.items():
-        print(f"{name}: {value:.1f} us a step ({', '.join(f'{s * 1e6:.1f}' for s in slopes[name])})")
-    print(" ".join(f"ratio_{name}={value / us['loop']:.3f}" for name, value in us.items() if name != "loop"))
+        for name in ratios:  # each side against the loop of its own round: the machine's drift between rounds cancels
+            if len(slopes[name]) == r + 1:
+                ratios[name].append(slopes[name][-1] / slopes["loop"][-1])
+    for name, s in slopes.items():
+        if s:
+            print(f"{name}: {statistics.median(s) * 1e6:.1f} us a step ({', '.join(f'{v * 1e6:.1f}' for v in s)})")
+    for name, rs in ratios.items():
+        if rs:
+            print(f"{name} / loop by round: {', '.join(f'{v:.3f}' for v in rs)}")
+    interleaved_ratios: dict[str, list[float]] = {"ignite": [], "library": []}
+    for _ in range(args.rounds):
+        step = interleaved(["loop", "ignite", "library"], args.long, args.segment, device)
+        for name in interleaved_ratios:
+            interleaved_ratios[name].append(step[name] / step["loop"])
+        print("interleaved: " + ", ".join(f"{name} {s * 1e6:.1f} us" for name, s in step.items()))
+    for name, rs in interleaved_ratios.items():
+        print(f"{name} / loop interleaved: {', '.join(f'{v:.3f}' for v in rs)}")
+    print(" ".join([f"ratio_{name}={statistics.median(rs):.3f}" for name, rs in ratios.items() if rs]
+                   + [f"interleaved_{name}={statistics.median(rs):.3f}" for name, rs in interleaved_ratios.items()]))
 
 
 if __name__ == "__main__":

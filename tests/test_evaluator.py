@@ -238,3 +238,27 @@ def test_the_history_is_the_same_to_the_bit_whatever_prints_it_and_how_often(tmp
                        for r in result.history]
     assert rows[1] == rows[20] == rows[50] == rows[0]
     assert rows[0][0]["train_loss"] != rows[0][1]["train_loss"]  # (figures that moved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sizes", [[64] * 50, [64] * 49 + [17], [1, 3, 5]])
+def test_a_groups_loss_sum_is_the_per_step_products_to_the_bit(dtype, sizes):
+    from handlers.metrics import _weighted_sum
+
+    g = torch.Generator().manual_seed(0)
+    group = [((torch.rand((), generator=g) * 3).to(dtype), None, torch.zeros(n)) for n in sizes]
+    one_a_step = torch.stack([loss * len(y) for loss, _, y in group]).sum()
+    grouped = _weighted_sum(group)
+    assert grouped.dtype == one_a_step.dtype and torch.equal(grouped, one_a_step)
+
+
+def test_only_items_alike_past_the_batch_share_a_signature():
+    from handlers.metrics import _signature
+
+    item = (torch.tensor(0.5), torch.randn(8, 3), torch.zeros(8, dtype=torch.long))
+    assert _signature(item) == _signature((torch.tensor(0.1), torch.randn(5, 3), torch.ones(5, dtype=torch.long)))
+    for other in [(torch.tensor(0.5), torch.randn(8, 4), item[2]), (torch.tensor(0.5), item[1].double(), item[2]),
+                  (torch.tensor(0.5), item[1], item[2].float()), (torch.tensor(0.5), item[1], item[2][:, None])]:
+        assert _signature(other) != _signature(item)
+    for never in [(0.5, item[1], item[2]), (torch.tensor([0.5]), item[1], item[2]), (torch.tensor(0.5), item[1], 3)]:
+        assert _signature(never) is None

@@ -235,10 +235,10 @@ def _saved(t: Any) -> Any:
 def _weighted_sum(group: list[tuple[Any, Any, Any]]) -> torch.Tensor:
     """The sum of each step's mean loss times its batch size: one multiplication for a group whose batches are
     of one size (the same products, to the bit, as one per step, and no copy to the device), else one a step."""
-    size = len(group[0][2])
-    if all(len(g[2]) == size for g in group):
-        return torch.stack([g[0] for g in group]).mul_(size).sum()
-    return torch.stack([g[0] * len(g[2]) for g in group]).sum()
+    sizes = [g[2].shape[0] for g in group]  # not len(): Tensor.__len__ is Python, ~1 us a call
+    if sizes.count(sizes[0]) == len(sizes):
+        return torch.stack([g[0] for g in group]).mul_(sizes[0]).sum()
+    return torch.stack([g[0] * n for g, n in zip(group, sizes)]).sum()
 
 
 def _signature(item: tuple[Any, Any, Any]) -> tuple | None:

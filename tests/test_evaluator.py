@@ -262,3 +262,14 @@ def test_only_items_alike_past_the_batch_share_a_signature():
         assert _signature(other) != _signature(item)
     for never in [(0.5, item[1], item[2]), (torch.tensor([0.5]), item[1], item[2]), (torch.tensor(0.5), item[1], 3)]:
         assert _signature(never) is None
+
+
+def test_the_default_consoles_lines_find_the_group_just_closed():
+    lines, held = [], []
+    metrics = TrainMetrics()
+    trainer = Engine(lambda engine, batch: batch)
+    metrics.attach(trainer)
+    ConsoleLogger(metrics, write=lambda line: (lines.append(line), held.append(len(metrics._group)))).attach(trainer)
+    trainer.run(outputs([10] * 120), max_epochs=1)  # the default --log-every: lines at batches 50 and 100
+    assert [line.split(",")[1] for line in lines if "Batch" in line] == [" Batch 50", " Batch 100"]
+    assert held[:2] == [0, 0]  # nothing to copy: the running means are the metrics' own

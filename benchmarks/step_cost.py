@@ -21,15 +21,16 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from common import machine, quiet
-from ignite.engine import Events, create_supervised_evaluator, create_supervised_trainer
+from ignite.engine import Engine, Events, create_supervised_evaluator, create_supervised_trainer
 from ignite.metrics import Accuracy, Loss
 from torch import nn
 
 from engine import RunSettings
-from handlers import build_run, seed_everything
+from handlers import Run, build_run, seed_everything
 
 BATCH, FEATURES, CLASSES = 64, 32, 10
 
@@ -50,19 +51,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def loop(n: int, device: torch.device) -> float:
+def batches(x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(len(x) // BATCH)]
+
+
+def loop_steps(net: nn.Module, x: torch.Tensor, y: torch.Tensor, every: int) -> Iterator[None]:
     """The hand-written loop: zero_grad, forward, loss, backward, step; per-sample loss and accuracy summed on
-    the device (read once, at the end, as a careful hand-written loop does); a validation pass."""
-    x, y = data(n, device)
-    vx, vy = data(1, device)
-    net = model(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    sync(device)
-    start = time.perf_counter()
-    total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    for i in range(n):
-        xb, yb = x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]
+    the device (read once, at the end, as a careful hand-written loop does). Pauses every ``every`` steps;
+    returns the sums."""
+    optimizer, loss_fn = torch.optim.Adam(net.parameters(), lr=1e-3), nn.CrossEntropyLoss()
+    total, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+    for i, (xb, yb) in enumerate(batches(x, y), 1):
         optimizer.zero_grad(set_to_none=True)
         out = net(xb)
         loss = loss_fn(out, yb)
@@ -70,42 +69,75 @@ def loop(n: int, device: torch.device) -> float:
         optimizer.step()
         total += loss.detach() * len(yb)
         correct += (out.detach().argmax(1) == yb).sum()
+        if i % every == 0:
+            yield
+    return total, correct
+
+
+def yield_from_all(steps: Iterator[None]) -> Any:
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
+
+
+def loop(n: int, device: torch.device) -> float:
+    """The hand-written loop (:func:`loop_steps`) run through, then a validation pass."""
+    x, y = data(n, device)
+    vx, vy = data(1, device)
+    net = model(device)
+    sync(device)
+    start = time.perf_counter()
+    total, correct = yield_from_all(loop_steps(net, x, y, every=n + 1))
     with torch.no_grad():
-        val = loss_fn(net(vx), vy)
+        val = nn.functional.cross_entropy(net(vx), vy)
     float(total), float(correct), float(val)
     sync(device)
     return time.perf_counter() - start
 
 
+def ignite_trainer(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[nn.Module, Engine, list]:
+    """Plain Ignite's ``create_supervised_trainer`` (its model, the trainer, the batches as a list)."""
+    net = model(device)
+    trainer = create_supervised_trainer(net, torch.optim.Adam(net.parameters(), lr=1e-3), nn.CrossEntropyLoss(),
+                                        device=device)
+    return net, trainer, batches(x, y)
+
+
 def ignite(n: int, device: torch.device) -> float:
     """Plain Ignite: ``create_supervised_trainer`` and an evaluator with loss and accuracy after the epoch."""
-    x, y = data(n, device)
+    net, trainer, train = ignite_trainer(*data(n, device), device)
     vx, vy = data(1, device)
-    net = model(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    trainer = create_supervised_trainer(net, optimizer, nn.CrossEntropyLoss(), device=device)
     evaluator = create_supervised_evaluator(net, {"loss": Loss(nn.CrossEntropyLoss()), "accuracy": Accuracy()},
                                             device=device)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: evaluator.run([(vx, vy)]))
-    batches = [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(n)]
     sync(device)
     start = time.perf_counter()
-    trainer.run(batches, max_epochs=1)
+    trainer.run(train, max_epochs=1)
     sync(device)
     return time.perf_counter() - start
+
+
+def library_run(x: torch.Tensor, y: torch.Tensor, device: torch.device, out: str) -> Run:
+    """This library's run (``build_run`` with every default handler) into ``out``."""
+    seed_everything(0)
+    settings = RunSettings(output_dir=f"{out}/run", epochs=1, batch_size=BATCH, val_batch_size=BATCH,
+                           progress=False, device=str(device), seed=0)
+    with quiet():
+        return build_run(model(device), (x, y), data(1, device), settings)
 
 
 def library(n: int, device: torch.device) -> float:
     """This library: ``build_run`` with every default handler (checkpoints, history, TensorBoard, NaN guard,
     stop signals, the stall watchdog, console lines every 50 batches); the ``run.run()`` call is timed."""
-    seed_everything(0)
-    with tempfile.TemporaryDirectory() as out, quiet():
-        settings = RunSettings(output_dir=f"{out}/run", epochs=1, batch_size=BATCH, val_batch_size=BATCH,
-                               progress=False, device=str(device), seed=0)
-        run = build_run(model(device), data(n, device), data(1, device), settings)
+    with tempfile.TemporaryDirectory() as out:
+        run = library_run(*data(n, device), device, out)
         sync(device)
         start = time.perf_counter()
-        result = run.run()
+        with quiet():
+            result = run.run()
         sync(device)
         took = time.perf_counter() - start
     assert result.exit_code == 0
@@ -131,13 +163,12 @@ def lightning(n: int, device: torch.device) -> float | None:
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
-    x, y = data(n, device)
-    batches = [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(n)]
+    train = batches(*data(n, device))
     with quiet():
         trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, accelerator=device.type, devices=1)
         start = time.perf_counter()
-        trainer.fit(Module(), batches)
+        trainer.fit(Module(), train)
         took = time.perf_counter() - start
     return took
 
@@ -150,48 +181,22 @@ class Stepped:
         self.out = tempfile.TemporaryDirectory()
         x, y = data(n, device)
         if name == "loop":
-            self.gen = self._loop(x, y, segment, device)
+            self.gen = loop_steps(model(device), x, y, segment)
             return
         if name == "ignite":
-            net = model(device)
-            engine = create_supervised_trainer(net, torch.optim.Adam(net.parameters(), lr=1e-3), nn.CrossEntropyLoss(),
-                                               device=device)
-            loader: object = [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(n)]
-            run_once = lambda: engine.run(loader, max_epochs=1)  # noqa: E731
+            _, engine, loader = ignite_trainer(x, y, device)
         else:
-            seed_everything(0)
-            settings = RunSettings(output_dir=f"{self.out.name}/run", epochs=1, batch_size=BATCH,
-                                   val_batch_size=BATCH, progress=False, device=str(device), seed=0)
-            with quiet():
-                run = build_run(model(device), (x, y), data(1, device), settings)
+            run = library_run(x, y, device, self.out.name)
             engine, loader = run.trainer, run.train_loader
-            run_once = lambda: engine.run(loader, max_epochs=1)  # noqa: E731
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=segment), lambda e: e.interrupt())
-        self.gen = self._engine(run_once)
+        self.gen = self._engine(engine, loader)
 
     @staticmethod
-    def _engine(run_once: Callable[[], object]) -> Iterator[None]:
+    def _engine(engine: Engine, loader: Any) -> Iterator[None]:
         while True:
             with quiet():
-                run_once()
+                engine.run(loader, max_epochs=1)
             yield
-
-    @staticmethod
-    def _loop(x: torch.Tensor, y: torch.Tensor, segment: int, device: torch.device) -> Iterator[None]:
-        net = model(device)
-        optimizer, loss_fn = torch.optim.Adam(net.parameters(), lr=1e-3), nn.CrossEntropyLoss()
-        total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        for i in range(len(x) // BATCH):
-            xb, yb = x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]
-            optimizer.zero_grad(set_to_none=True)
-            out = net(xb)
-            loss = loss_fn(out, yb)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(yb)
-            correct += (out.detach().argmax(1) == yb).sum()
-            if (i + 1) % segment == 0:
-                yield
 
 
 def interleaved(names: list[str], n: int, segment: int, device: torch.device) -> dict[str, float]:

@@ -111,7 +111,7 @@ class TensorBoardLogging:
 
     def attach(self, trainer: Engine) -> TensorBoardLogging:
         if self.log_every:
-            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._each_iteration)  # no filter: cheaper
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._log_if_due)  # no filter: cheaper
         attach_ordered(trainer, record_period(trainer), self.log_epoch, Stage.PUBLISH)
         if self.histograms:
             every = Events.EPOCH_COMPLETED
@@ -119,16 +119,16 @@ class TensorBoardLogging:
             self.logger.attach(trainer, GradsHistHandler(self.model, tag="grads"), every)
         return self
 
-    def _each_iteration(self, engine: Engine) -> None:
-        if engine.state.iteration % self.log_every == 0:
+    def _log_if_due(self, engine: Engine) -> None:
+        """This step's points, when it is one of every ``log_every`` (once: :meth:`log_iteration` skips a repeat)."""
+        if self.log_every and engine.state.iteration % self.log_every == 0:
             self.log_iteration(engine)
 
     def before_checkpoint(self, engine: Engine) -> None:
         """Before a checkpoint at this iteration: its step's points (if due and not yet logged: the checkpoint's
         handler may run first) and everything queued go to the file, so that a kill after the checkpoint leaves
         every point up to it, and the resume, which purges what comes after, adds each later one once."""
-        if self.log_every and engine.state.iteration % self.log_every == 0:
-            self.log_iteration(engine)
+        self._log_if_due(engine)
         self.flush()
 
     def log_iteration(self, engine: Engine) -> None:

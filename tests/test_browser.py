@@ -88,7 +88,7 @@ def shots() -> Path | None:
     return Path(folder) if folder else None
 
 
-def open_dashboard(browser, base: str, name: str, tmp_path: Path):
+def open_dashboard(browser, base: str, name: str):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.goto(f"{base}/#{name}")
     return page
@@ -105,7 +105,7 @@ def screenshot(page, name: str, tmp_path: Path) -> Path:
 def test_the_scalars_dashboard_shows_the_runs_tags_and_values(browser, served, tmp_path):
     base, out = served
     acc = accumulate(out / "tb")
-    page = open_dashboard(browser, base, "scalars", tmp_path)
+    page = open_dashboard(browser, base, "scalars")
     search = page.locator("tf-tag-filterer input").first  # "Filter tags (regular expressions supported)"
     for tag in ("accuracy/train", "accuracy/val", "loss/train", "loss/val", "lr", "grad_norm", "loss/train_step",
                 "time/epoch_seconds"):  # its cards are drawn once in view: the filter brings each there
@@ -129,7 +129,7 @@ def test_the_scalars_dashboard_shows_the_runs_tags_and_values(browser, served, t
 
 def test_the_images_dashboard_shows_the_confusion_matrix_and_the_mistakes(browser, served, tmp_path):
     base, _ = served
-    page = open_dashboard(browser, base, "images", tmp_path)
+    page = open_dashboard(browser, base, "images")
     for tag in ("val/confusion_matrix", "val/misclassified"):
         page.get_by_text(tag, exact=True).first.wait_for(timeout=30_000)
     page.wait_for_function(LOADED_IMAGES + " >= 2", timeout=30_000)  # both pictures fetched and decoded
@@ -140,7 +140,7 @@ def test_the_images_dashboard_shows_the_confusion_matrix_and_the_mistakes(browse
 def test_the_text_dashboard_shows_the_model_summary(browser, served, tmp_path):
     base, out = served
     summary = json.loads((out / "config.json").read_text())["model_summary"]
-    page = open_dashboard(browser, base, "text", tmp_path)
+    page = open_dashboard(browser, base, "text")
     shown = page.get_by_text(f"Model: {summary['parameters']:,} parameters").first
     shown.wait_for(timeout=30_000)
     assert "input [128, 1, 28, 28] -> output [128, 10]" in shown.inner_text()
@@ -152,7 +152,7 @@ def test_the_hparams_dashboard_shows_the_settings_and_the_best_score(browser, se
     base, out = served
     config = json.loads((out / "config.json").read_text())
     best = max(r["val_accuracy"] for r in json.loads((out / "history.json").read_text()))
-    page = open_dashboard(browser, base, "hparams", tmp_path)
+    page = open_dashboard(browser, base, "hparams")
     page.get_by_text("batch_size", exact=True).first.wait_for(timeout=30_000)
     page.get_by_text(f"{config['batch_size']:.2f}", exact=True).first.wait_for(timeout=30_000)  # 128.00: the row
     page.get_by_text(f"{best:.5f}", exact=True).first.wait_for(timeout=30_000)  # hparam/best_val_accuracy

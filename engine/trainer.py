@@ -11,6 +11,7 @@ from torch import nn
 
 from engine.amp import autocast_context, make_grad_scaler
 from engine.batch import prepare_batch as default_prepare_batch
+from engine.compiled import CompiledModel
 from engine.device import resolve_device
 from engine.errors import ConfigError
 from engine.seeding import batch_generator, mix_seed, seeded_globals
@@ -207,6 +208,8 @@ def _innermost(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
+        elif isinstance(model, CompiledModel):
+            model = model.eager
         elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
         else:

@@ -20,7 +20,8 @@ from ignite.handlers import Checkpoint
 
 __all__ = ["add_hparams_fast", "add_image_fast", "add_scalars_fast", "checkpoint_items", "exception_handler_count",
            "flush_tensorboardx", "inductor_default_cache", "load_engine_state", "move_metric_state",
-           "queue_in_thread", "release_workers", "set_checkpoint_items", "stream_progress", "waiting_on_worker"]
+           "queue_in_thread", "release_workers", "set_checkpoint_items", "skip_unused_triton_key", "stream_progress",
+           "waiting_on_worker"]
 
 
 def checkpoint_items(checkpoint: Checkpoint) -> list[Any]:
@@ -42,6 +43,24 @@ def inductor_default_cache() -> str:
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     return os.path.abspath(default_cache_dir())
+
+
+def skip_unused_triton_key() -> bool:
+    """On a machine without CUDA, Inductor's ``CacheBase.get_system()`` still hashes Triton's files (~0.3 s a
+    process) for a version it then leaves out: without a device its system key is the hash of ``{}``. There,
+    ``triton_key`` is made to return ``None`` before anything asks (the keys stay the same: tested); whether
+    it was."""
+    import torch._inductor.codecache as codecache
+
+    if torch.cuda.is_available() or getattr(codecache.triton_key, "skipped", False):
+        return False
+
+    def triton_key() -> None:
+        return None
+
+    triton_key.skipped = True  # type: ignore[attr-defined]
+    codecache.triton_key = triton_key
+    return True
 
 
 def load_engine_state(engine: Engine, state: Mapping[str, Any]) -> None:

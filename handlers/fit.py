@@ -14,9 +14,7 @@ Example:
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
@@ -31,10 +29,11 @@ from engine import RunSettings, create_evaluator, create_trainer
 from engine.batch import ModelCalls
 from engine.batch import prepare_batch as default_prepare_batch
 from engine.checks import BatchCheck, LabelGuard, class_balance, has_batch_norm, unregistered
+from engine.compiled import CompiledModel
 from engine.device import RunDevice, process_device, returned_home, send_home
 from engine.errors import ConfigError
-from handlers.adapters import inductor_default_cache
 from handlers.attach import attach_run
+from handlers.compiler import compile_cache
 from handlers.console import write_line
 from handlers.data_wait import DataWaitHint
 from handlers.ema import WeightAverage
@@ -174,7 +173,7 @@ def _wrap_model(parts: RunParts) -> None:
     if parts.settings.compile:
         write_line(f"torch.compile: its kernels are kept in {compile_cache()} for the next run of this model and "
                    f"shapes, which starts from them (delete the folder to clear it)")
-    parts.run_model = torch.compile(train_model) if parts.settings.compile else train_model
+    parts.run_model = CompiledModel(train_model) if parts.settings.compile else train_model
     parts.eval_model = parts.run_model if world == 1 else model
 
 
@@ -296,20 +295,6 @@ def fit(model: nn.Module, train: Data, val: Data, settings: RunSettings | None =
     """
     with returned_home(model, options.get("optimizer")):  # the model goes back where it came from
         return build_run(model, train, val, settings, **options).run()
-
-
-def compile_cache() -> Path:
-    """Where ``torch.compile`` keeps what it compiled (Inductor's on-disk caches: graphs, kernels,
-    autotuning), so that a second run of the same model and shapes reuses it: ``$TORCHINDUCTOR_CACHE_DIR``
-    if you set it, else ``$XDG_CACHE_HOME/ignite-trainer/compile`` (``~/.cache/...``, not a temporary folder
-    that a reboot empties), set for this process."""
-    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if given and os.path.abspath(given) != inductor_default_cache():
-        return Path(given)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = base / "ignite-trainer" / "compile"
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    return folder
 
 
 def _guarded_labels(device: RunDevice, model: nn.Module, classes: int | None,

@@ -21,6 +21,7 @@ from engine.determinism import prepare_environment
 from engine.device import check_processes, keep_off_gpus, process_backend, process_device
 from engine.errors import EXIT_PEER, ConfigError, flag_names, param
 from engine.settings import RunSettings
+from handlers.compiler import warm_compiler
 from handlers.exits import guarded
 from handlers.rng import seed_everything
 from handlers.run import RunResult
@@ -32,6 +33,8 @@ PerProcess = Callable[[Any], "RunResult | int"]
 
 def _one_process(per_process: PerProcess, settings: RunSettings) -> int:
     seed_everything(settings.seed)  # before the model is built: its initial weights come from it
+    if settings.compile:
+        warm_compiler()  # while the data loads
     result = per_process(settings)
     return result.exit_code if isinstance(result, RunResult) else int(result or 0)
 

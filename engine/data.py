@@ -13,10 +13,17 @@ from engine.sampler import checked_weights, draw_order
 __all__ = ["InMemoryLoader"]
 
 
+# batches gathered by one index_select: up to this many, and up to this many bytes (in cache while they are used)
+_CHUNK_BATCHES = 32
+_CHUNK_BYTES = 1 << 20
+
+
 class InMemoryLoader:
     """Yields ``(x, y)`` batches sliced by index from tensors that live on the target device.
 
-    No workers, no per-sample Python: one ``index_select`` per batch. The order comes from the
+    No workers, no per-sample Python: one ``index_select`` of inputs and one of targets gathers the
+    next batches, up to 32 of them and 1 MiB (a small model's step then pays a gather a chunk, not
+    two a batch; a GPU, two launches); each batch is a slice of that chunk. The order comes from the
     loader's own ``torch.Generator`` (seeded by ``seed``), so it does not depend on the global RNG,
     and ``state_dict()`` (epoch, position, generator state) lets a run continue mid-epoch exactly.
 
@@ -124,10 +131,16 @@ class InMemoryLoader:
         if self._indices is None or self.position >= len(self):
             self._begin_epoch()
         indices, bs, length = self._indices, self.batch_size, len(self)
+        row_bytes = (self.x[:1].nbytes + self.y[:1].nbytes) or 1
+        chunk = max(1, min(_CHUNK_BATCHES, _CHUNK_BYTES // (row_bytes * bs)))
         while self.position < length:
-            idx = indices[self.position * bs : (self.position + 1) * bs]
-            self.position += 1
-            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+            first = self.position
+            last = min(first + chunk, length)
+            idx = indices[first * bs : last * bs]
+            xs, ys = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            for i in range(last - first):
+                self.position += 1
+                yield xs[i * bs : (i + 1) * bs], ys[i * bs : (i + 1) * bs]
 
     def state_dict(self) -> dict[str, Any]:
         """Where the loader stands: epochs begun, batches handed out in this one, and the order's RNG."""

@@ -60,6 +60,26 @@ def test_exact_continuation_after_load_state_dict_mid_epoch(stop_at):
     assert epoch_ids(fresh) == full[2]
 
 
+@pytest.mark.parametrize("chunk, stop_at", [(1, 4), (3, 4), (3, 6), (32, 5)])
+def test_batches_gathered_in_chunks_are_the_order_sliced_and_continue_exactly(monkeypatch, chunk, stop_at):
+    """Whatever the batches gathered at once (and a continuation from inside a chunk): the permutation's rows,
+    batch after batch, in storage of their own (not views of the data set)."""
+    monkeypatch.setattr("engine.data._CHUNK_BATCHES", chunk)
+    ld = loader(seed=5)
+    batches = list(ld)
+    order = torch.cat([y for _, y in batches])
+    assert sorted(order.tolist()) == list(range(103)) and [len(y) for _, y in batches] == [10] * 10 + [3]
+    assert all(torch.equal(x.squeeze(1), y.float()) for x, y in batches)
+    assert all(x.untyped_storage().data_ptr() != ld.x.untyped_storage().data_ptr() for x, _ in batches)
+    head = loader(seed=5)
+    it = iter(head)
+    for _ in range(stop_at):
+        next(it)
+    tail = loader(seed=5)
+    tail.load_state_dict(head.state_dict())
+    assert torch.equal(torch.cat([y for _, y in tail]), order[stop_at * 10:])
+
+
 def test_state_at_an_epoch_end_continues_with_the_next_epoch():
     reference = loader(seed=7)
     full = [epoch_ids(reference) for _ in range(2)]

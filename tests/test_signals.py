@@ -36,7 +36,7 @@ class SignalsItself(Dataset):
 
 
 class FetchedFrom(torch.Tensor):
-    """The in-memory path's inputs: its loader slices each batch with ``index_select``; the ``at``-th
+    """The in-memory path's inputs: its loader gathers the next batches with ``index_select``; the ``at``-th
     call sends this process SIGTERM, so the signal lands inside the fetch. Results are plain tensors."""
 
     at: int | None = None
@@ -76,13 +76,27 @@ def weights(result) -> dict[str, torch.Tensor]:
     return load_checkpoint(result.last_path)["model"]
 
 
+CHUNK = 4  # batches the in-memory loader gathers at once here (1 MiB of these rows would be the whole epoch)
+
+
+def fetches_before(path: str, batch: int) -> int:
+    """Reads before the fetch of ``batch`` (of 20 an epoch): samples one by one, or in memory one index_select
+    of the inputs for every ``CHUNK`` batches (``batch`` then starts a chunk)."""
+    if path == "loader":
+        return (batch - 1) * BATCH
+    epochs, position = divmod(batch - 1, 20)
+    assert position % CHUNK == 0, "in memory, a fetch that reads is that of a chunk's first batch"
+    return epochs * -(-20 // CHUNK) + position // CHUNK
+
+
 @pytest.mark.parametrize("path, batch, sample", [("loader", 7, 1), ("loader", 7, BATCH), ("loader", 20 + 3, 5),
-                                                 ("memory", 7, 1), ("memory", 20 + 3, 1)])  # fmt: skip
-def test_a_signal_during_the_batch_fetch_stops_after_that_batch_and_resumes_exactly(tmp_path, path, batch, sample):
-    per_batch = BATCH if path == "loader" else 1  # samples read one by one, or one index_select a batch
+                                                 ("memory", 5, 1), ("memory", 20 + 9, 1)])  # fmt: skip
+def test_a_signal_during_the_batch_fetch_stops_after_that_batch_and_resumes_exactly(tmp_path, monkeypatch, path,
+                                                                                       batch, sample):
+    monkeypatch.setattr("engine.data._CHUNK_BATCHES", CHUNK)
     straight, reads = run(tmp_path, "straight", path=path)
-    before = reads - 2 * 20 * per_batch  # what the run's checks read before its first batch
-    stopped, _ = run(tmp_path, "stopped", at=before + (batch - 1) * per_batch + sample, path=path)
+    before = reads - fetches_before(path, 2 * 20 + 1)  # what the run's checks read before its first batch
+    stopped, _ = run(tmp_path, "stopped", at=before + fetches_before(path, batch) + sample, path=path)
     assert stopped.exit_code == 128 + signal.SIGTERM
     assert stopped.last_path.name == f"last_iter={batch}.pt"  # the batch being fetched was trained on, then saved
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back

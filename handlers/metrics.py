@@ -94,9 +94,10 @@ class TrainMetrics:
     instead of 50: right after the optimizer step each small op costs ~100 us on a CPU, and the
     update per batch was ~1.5% of a small model's epoch; 50, the console's default cadence, so that its
     lines find the group just closed). The batches held back are part of
-    :meth:`state_dict`, so a resumed run groups, and sums, exactly as an uninterrupted one. Outputs
-    that cannot be concatenated (other shapes, dtypes or devices than the group's, or not tensors)
-    close the group first; large ones go alone. Where a group ends depends on the data alone, so the
+    :meth:`state_dict`, so a resumed run groups, and sums, exactly as an uninterrupted one. A group is
+    fed as runs of consecutive batches that concatenate (the same shapes past the batch, dtypes and
+    devices; sorted out when it is fed, not every step); a batch that joins neither neighbour (not
+    tensors) goes alone, and so do large ones. Where a group ends depends on the data alone, so the
     sums (float32, whose last bits depend on how they are grouped) are the same whatever prints them
     and how often: :meth:`running` feeds copies of the metrics. ``flush_every`` also closes the group
     after every batch of the epoch whose number is divisible by it (a line printed then finds nothing
@@ -124,7 +125,6 @@ class TrainMetrics:
         self._group: list[tuple[Any, Any, Any]] = []  # (loss, y_pred, y) of the batches held back
         self._group_elements = 0
         self._restored = False  # whether the group is the one a checkpoint held back
-        self._signature: tuple | None = None  # of the group's first item (see _signature)
         self._pending: dict[str, Any] | None = None
         self._trainer: Engine | None = None
 
@@ -144,31 +144,29 @@ class TrainMetrics:
         engine.state.metrics.update(self.running())
 
     def _update(self, engine: Engine) -> None:
-        """Hold the step's output back for the group (one handler per iteration, not one per metric)."""
+        """Hold the step's output back for the group (one handler per iteration, not one per metric; what can
+        be concatenated is sorted out when the group is fed, not every step)."""
         output = engine.state.output
-        item = (output["loss"], output["y_pred"], output["y"])
-        signature = _signature(item)
-        if self._group:
-            if self._restored:  # held back by the checkpoint's run, loaded on the CPU: onto this run's device
-                if isinstance(item[1], torch.Tensor):
-                    self._group = to_device(self._group, item[1].device)
-                self._signature = _signature(self._group[0])
-                self._restored = False
-            if signature is None or signature != self._signature:  # it cannot be concatenated onto the group
-                self._flush()
-        if not self._group:
-            self._signature = signature
-        self._group.append(item)
-        self._group_elements += item[1].numel() if isinstance(item[1], torch.Tensor) else _GROUP_ELEMENTS
+        y_pred = output["y_pred"]
+        if self._restored and isinstance(y_pred, torch.Tensor):  # held back by the checkpoint's run, loaded on
+            self._group = to_device(self._group, y_pred.device)  # the CPU: onto this run's device
+            self._restored = False
+        self._group.append((output["loss"], y_pred, output["y"]))
+        self._group_elements += y_pred.numel() if isinstance(y_pred, torch.Tensor) else _GROUP_ELEMENTS
         if len(self._group) >= _GROUP_BATCHES or self._group_elements >= _GROUP_ELEMENTS or (
                 self.flush_every and batch_in_epoch(engine.state) % self.flush_every == 0):
             self._flush()
 
     def _flush(self, engine: Engine | None = None) -> None:
-        """The batches held back into the metrics: one update of each."""
+        """The batches held back into the metrics."""
         if self._group:
             group, self._group, self._group_elements = self._group, [], 0
-            self._feed(self.metrics, group)
+            self._feed_group(self.metrics, group)
+
+    def _feed_group(self, metrics: Mapping[str, Metric], group: list[tuple[Any, Any, Any]]) -> None:
+        """One update of each metric for each run of batches that concatenate (in the order they came)."""
+        for run in _runs(group):
+            self._feed(metrics, run)
 
     @torch.no_grad()
     def _feed(self, metrics: Mapping[str, Metric], group: list[tuple[Any, Any, Any]]) -> None:
@@ -200,7 +198,7 @@ class TrainMetrics:
         metrics = self.metrics
         if self._group:  # on copies: where the groups end must not depend on who looked when
             metrics = {name: copy.deepcopy(metric) for name, metric in self.metrics.items()}
-            self._feed(metrics, self._group)
+            self._feed_group(metrics, self._group)
         return {self.prefix + name: float(metric.compute()) for name, metric in metrics.items()}
 
     def _mid_epoch(self) -> bool:
@@ -242,6 +240,21 @@ def _weighted_sum(group: list[tuple[Any, Any, Any]]) -> torch.Tensor:
     if sizes.count(sizes[0]) == len(sizes):
         return torch.stack([g[0] for g in group]).mul_(sizes[0]).sum()
     return torch.stack([g[0] * n for g, n in zip(group, sizes)]).sum()
+
+
+def _runs(group: list[tuple[Any, Any, Any]]) -> list[list[tuple[Any, Any, Any]]]:
+    """``group`` cut into runs of consecutive batches that concatenate (the same :func:`_signature`); a batch
+    whose outputs never do is a run of its own."""
+    runs: list[list[tuple[Any, Any, Any]]] = []
+    last: tuple | None = None
+    for item in group:
+        signature = _signature(item)
+        if signature is None or signature != last:
+            runs.append([item])
+        else:
+            runs[-1].append(item)
+        last = signature
+    return runs
 
 
 def _signature(item: tuple[Any, Any, Any]) -> tuple | None:

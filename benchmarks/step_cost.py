@@ -3,15 +3,21 @@ and plain Ignite (and Lightning, when it is installed: not a dependency), on a n
 small (Linear 32 -> 10, batches of 64 held in memory, one thread), so that what is measured is the loop around
 the step: Python, event dispatch, handlers. The same host work is what a launch-bound GPU step pays.
 
+Every side does the same data work as the library: a new random order each epoch, each batch gathered from the
+tensors in memory (``x[idx]``, as a hand-written loop over tensors that shuffles does). ``contiguous`` is the
+hand-written loop on contiguous slices in the stored order (no shuffle, no copy), for the gather's own cost.
+
 Each side's training call is timed at two lengths (``--short`` and ``--long`` iterations, one epoch, a tiny
 validation set); the slope between them is the cost of a step without the fixed costs (set-up, the epoch's
 end, the summary). Rounds alternate the sides (the order rotated each round); each side's slope is divided by
 the loop's of the same round, and the median of those ratios over ``--rounds`` rounds is reported (this
 machine's speed drifts by tens of percent within minutes: a ratio of two medians taken apart drifts with it).
+Then the interleaved measurement: the sides advanced ``--segment`` iterations in turn in one process.
 
     python benchmarks/step_cost.py [--rounds 5] [--short 100] [--long 2100] [--device cpu|cuda]
 
-Last line: ``ratio_<side>=<side / loop>`` for plain Ignite, this library and, when installed, Lightning.
+Last line: ``ratio_<side>=<side / loop>`` (slopes) and ``interleaved_<side>=<side / loop>`` for the contiguous
+loop, plain Ignite, this library and, when installed, Lightning; ``interleaved_library_vs_contiguous``.
 """
 
 from __future__ import annotations
@@ -51,17 +57,37 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def batches(x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(len(x) // BATCH)]
+class Batches:
+    """Batches of ``BATCH`` from tensors in memory, as a hand-written loop takes them: in a new random order each
+    epoch (the permutation's slice gathered by ``x[idx]``, ``y[idx]`` every step: the same work as the
+    library's shuffling loader), or, with ``shuffle=False``, contiguous slices of the stored order (no copy)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, shuffle: bool = True) -> None:
+        self.x, self.y, self.shuffle = x, y, shuffle
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __len__(self) -> int:
+        return len(self.x) // BATCH
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        x, y = self.x, self.y
+        if not self.shuffle:
+            for i in range(len(self)):
+                yield x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]
+            return
+        order = torch.randperm(len(x), generator=self.generator).to(x.device)
+        for i in range(len(self)):
+            idx = order[i * BATCH:(i + 1) * BATCH]
+            yield x[idx], y[idx]
 
 
-def loop_steps(net: nn.Module, x: torch.Tensor, y: torch.Tensor, every: int) -> Iterator[None]:
+def loop_steps(net: nn.Module, x: torch.Tensor, y: torch.Tensor, every: int, shuffle: bool = True) -> Iterator[None]:
     """The hand-written loop: zero_grad, forward, loss, backward, step; per-sample loss and accuracy summed on
     the device (read once, at the end, as a careful hand-written loop does). Pauses every ``every`` steps;
     returns the sums."""
     optimizer, loss_fn = torch.optim.Adam(net.parameters(), lr=1e-3), nn.CrossEntropyLoss()
     total, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
-    for i, (xb, yb) in enumerate(batches(x, y), 1):
+    for i, (xb, yb) in enumerate(Batches(x, y, shuffle), 1):
         optimizer.zero_grad(set_to_none=True)
         out = net(xb)
         loss = loss_fn(out, yb)
@@ -83,14 +109,14 @@ def yield_from_all(steps: Iterator[None]) -> Any:
             return end.value
 
 
-def loop(n: int, device: torch.device) -> float:
+def loop(n: int, device: torch.device, shuffle: bool = True) -> float:
     """The hand-written loop (:func:`loop_steps`) run through, then a validation pass."""
     x, y = data(n, device)
     vx, vy = data(1, device)
     net = model(device)
     sync(device)
     start = time.perf_counter()
-    total, correct = yield_from_all(loop_steps(net, x, y, every=n + 1))
+    total, correct = yield_from_all(loop_steps(net, x, y, every=n + 1, shuffle=shuffle))
     with torch.no_grad():
         val = nn.functional.cross_entropy(net(vx), vy)
     float(total), float(correct), float(val)
@@ -98,12 +124,17 @@ def loop(n: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def ignite_trainer(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[nn.Module, Engine, list]:
-    """Plain Ignite's ``create_supervised_trainer`` (its model, the trainer, the batches as a list)."""
+def contiguous(n: int, device: torch.device) -> float:
+    """The hand-written loop on contiguous slices, in the stored order: no shuffle, no gather."""
+    return loop(n, device, shuffle=False)
+
+
+def ignite_trainer(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[nn.Module, Engine, Batches]:
+    """Plain Ignite's ``create_supervised_trainer`` (its model, the trainer, the shuffled batches)."""
     net = model(device)
     trainer = create_supervised_trainer(net, torch.optim.Adam(net.parameters(), lr=1e-3), nn.CrossEntropyLoss(),
                                         device=device)
-    return net, trainer, batches(x, y)
+    return net, trainer, Batches(x, y)
 
 
 def ignite(n: int, device: torch.device) -> float:
@@ -163,7 +194,7 @@ def lightning(n: int, device: torch.device) -> float | None:
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
-    train = batches(*data(n, device))
+    train = Batches(*data(n, device))
     with quiet():
         trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, accelerator=device.type, devices=1)
@@ -180,8 +211,8 @@ class Stepped:
     def __init__(self, name: str, n: int, segment: int, device: torch.device) -> None:
         self.out = tempfile.TemporaryDirectory()
         x, y = data(n, device)
-        if name == "loop":
-            self.gen = loop_steps(model(device), x, y, segment)
+        if name in ("loop", "contiguous"):
+            self.gen = loop_steps(model(device), x, y, segment, shuffle=name == "loop")
             return
         if name == "ignite":
             _, engine, loader = ignite_trainer(x, y, device)
@@ -227,8 +258,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     device = torch.device(args.device)
-    sides: dict[str, Callable[[int, torch.device], float | None]] = {"loop": loop, "ignite": ignite,
-                                                                      "library": library, "lightning": lightning}
+    sides: dict[str, Callable[[int, torch.device], float | None]] = {
+        "loop": loop, "contiguous": contiguous, "ignite": ignite, "library": library, "lightning": lightning}
     print(machine())
     for side in sides.values():  # warm-up: imports, allocator, first kernels
         side(args.short, device)
@@ -250,16 +281,18 @@ def main() -> None:
     for name, rs in ratios.items():
         if rs:
             print(f"{name} / loop by round: {', '.join(f'{v:.3f}' for v in rs)}")
-    interleaved_ratios: dict[str, list[float]] = {"ignite": [], "library": []}
+    interleaved_ratios: dict[str, list[float]] = {"contiguous": [], "ignite": [], "library": []}
     for _ in range(args.rounds):
-        step = interleaved(["loop", "ignite", "library"], args.long, args.segment, device)
+        step = interleaved(["loop", "contiguous", "ignite", "library"], args.long, args.segment, device)
         for name in interleaved_ratios:
             interleaved_ratios[name].append(step[name] / step["loop"])
         print("interleaved: " + ", ".join(f"{name} {s * 1e6:.1f} us" for name, s in step.items()))
     for name, rs in interleaved_ratios.items():
         print(f"{name} / loop interleaved: {', '.join(f'{v:.3f}' for v in rs)}")
+    by_contiguous = [lib / con for lib, con in zip(interleaved_ratios["library"], interleaved_ratios["contiguous"])]
     print(" ".join([f"ratio_{name}={statistics.median(rs):.3f}" for name, rs in ratios.items() if rs]
-                   + [f"interleaved_{name}={statistics.median(rs):.3f}" for name, rs in interleaved_ratios.items()]))
+                   + [f"interleaved_{name}={statistics.median(rs):.3f}" for name, rs in interleaved_ratios.items()]
+                   + [f"interleaved_library_vs_contiguous={statistics.median(by_contiguous):.3f}"]))
 
 
 if __name__ == "__main__":

@@ -175,7 +175,9 @@ def _engine_flags(p: argparse.ArgumentParser, d: RunSettings) -> None:
     g.add_argument("--clip-grad-norm", type=positive_float, default=d.clip_grad_norm)
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (what it compiled is kept for the next run: in the cache folder, and "
+                        "beside the checkpoints)")
     g.add_argument("--threads", type=positive_int, default=d.threads, help="torch CPU threads")
     g.add_argument("--stall-timeout", type=non_negative_float, default=d.stall_timeout, metavar="SECONDS",
                    help="end the run (exit code 5), naming where, when no batch arrives or a step does not return "

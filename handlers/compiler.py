@@ -1,16 +1,31 @@
-"""``--compile``'s set-up: where Inductor keeps what it compiled, and what every compiling process pays before
-its first graph (importing Dynamo and Inductor, hashing torch's sources for the cache keys) started early, in
-a thread, while the data loads and the first batches are checked."""
+"""``--compile``'s set-up: where Inductor keeps what it compiled; what every compiling process pays before its
+first graph (importing Dynamo and Inductor, hashing torch's sources for the cache keys) started early, in a
+thread, while the data loads and the first batches are checked; and the run's compiled work kept beside its
+checkpoints (``torch.compiler.save_cache_artifacts``), so that the run folder carries it to another machine or
+past a cleared cache."""
 
 from __future__ import annotations
 
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+
+from engine.files import atomic_file
 from handlers.adapters import inductor_default_cache, skip_unused_triton_key
+from handlers.console import write_line
+from handlers.feature import RunFeature, RunParts
 
-__all__ = ["compile_cache", "warm_compiler"]
+if TYPE_CHECKING:
+    from handlers.run import Run
+
+__all__ = ["ARTIFACTS", "CompiledArtifacts", "compile_cache", "warm_compiler"]
+
+ARTIFACTS = "compile_artifacts.bin"  # in the run's folder, beside checkpoints/
 
 
 def compile_cache() -> Path:
@@ -45,3 +60,52 @@ def warm_compiler() -> threading.Thread:
     thread = threading.Thread(target=_warm, name="warm-compiler", daemon=True)
     thread.start()
     return thread
+
+
+class CompiledArtifacts(RunFeature):
+    """With ``--compile``: the run's compiled graphs and kernels (``torch.compiler.save_cache_artifacts()``: the
+    FX graph and AOTAutograd cache entries, and with ``TORCH_CACHING_PRECOMPILE=1`` Dynamo's own, which spares
+    the next process the tracing too) written to ``compile_artifacts.bin`` in the run's folder after each epoch
+    that compiled something new, and at the run's end (rank 0). A run started in a folder that holds the file
+    (``--resume``) loads it into the cache first (``load_cache_artifacts``): its graphs come from there even
+    where the cache folder is empty. A file that cannot be read is one line, and the run compiles afresh."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.written = 0  # artifacts in the file this run wrote
+
+    @classmethod
+    def of(cls, parts: RunParts) -> CompiledArtifacts | None:
+        return cls() if parts.settings.compile else None
+
+    def after_attach(self, run: Run, parts: RunParts) -> None:
+        self.path = Path(run.output_dir) / ARTIFACTS
+        if self.path.is_file():
+            self.load(self.path)
+        if idist.get_rank() == 0:
+            run.trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+            run.trainer.add_event_handler(Events.COMPLETED, self.save)
+            run.trainer.add_event_handler(Events.TERMINATE, self.save)
+
+    @staticmethod
+    def load(path: Path) -> bool:
+        """Put the file's artifacts into the compile cache; whether they were."""
+        try:
+            torch.compiler.load_cache_artifacts(path.read_bytes())
+            return True
+        except Exception as exc:  # another torch's file, or a damaged one: compiled afresh
+            write_line(f"warning: {path} could not be loaded ({type(exc).__name__}: {exc}); compiling afresh")
+            return False
+
+    def save(self, engine: Engine | None = None) -> None:
+        """Write what this process compiled, if it compiled more than the file holds (nothing, when every graph
+        came from the cache)."""
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None or self.path is None:
+            return
+        data, info = saved
+        count = sum(len(keys) for keys in info.artifacts.values())
+        if count > self.written:
+            with atomic_file(self.path, "wb", suffix=".bin") as f:
+                f.write(data)
+            self.written = count

@@ -33,7 +33,7 @@ from engine.compiled import CompiledModel
 from engine.device import RunDevice, process_device, returned_home, send_home
 from engine.errors import ConfigError
 from handlers.attach import attach_run
-from handlers.compiler import compile_cache
+from handlers.compiler import CompiledArtifacts, compile_cache
 from handlers.console import write_line
 from handlers.data_wait import DataWaitHint
 from handlers.ema import WeightAverage
@@ -108,7 +108,7 @@ def build_run(
     _check_data(parts, check_balance=classification and sample_weights is None)  # before any file is made
     _wrap_model(parts)  # DDP in a distributed run, torch.compile
     features = features_of([FindingLR.of(parts), UserScheduler.of(lr_scheduler, lr_scheduler_interval, parts),
-                            WeightAverage.of(parts)])  # the optional features
+                            WeightAverage.of(parts), CompiledArtifacts.of(parts)])  # the optional features
     for feature in features:
         instead = feature.before_training(parts)
         if instead is not None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.compiled import CompiledModel, leading_size
 from engine.trainer import _innermost
-from handlers.compiler import warm_compiler
+from handlers.compiler import ARTIFACTS, warm_compiler
 
 
 class Graphs:
@@ -110,28 +110,38 @@ def test_warm_compiler_imports_inductor_and_hashes_torch_in_a_thread(monkeypatch
 
 
 @pytest.mark.slow
-def test_a_compiled_run_on_the_cpu_traces_one_training_graph(tmp_path, monkeypatch):
-    """Inductor for real (a cold cache in tmp_path: ~6 s): an epoch of 6 full batches and a short one, one
-    validation; one graph, the short batch and the validation eager."""
+def test_a_compiled_run_traces_one_graph_and_its_folder_carries_it_to_an_empty_cache(tmp_path, monkeypatch):
+    """Inductor for real (a cold cache: ~6 s): an epoch of 6 full batches and a short one, one validation; one
+    graph, the short batch and the validation eager; the run's compiled work written beside its checkpoints.
+    Then the run resumed for a second epoch with another, empty cache: its graph comes from the run's file."""
     from torch._dynamo.utils import counters
 
     from engine import RunSettings
     from handlers import fit, seed_everything
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    torch._dynamo.reset()
-    counters.clear()
-    seed_everything(0)
+    def run(cache: str, **options) -> object:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / cache))
+        torch._dynamo.reset()
+        counters.clear()
+        seed_everything(0)
+        settings = RunSettings(output_dir=str(tmp_path / "run"), batch_size=32, compile=True, progress=False,
+                               **options)
+        return fit(model, (x, y), (x[:50], y[:50]), settings)
+
     x = torch.randn(200, 8)
     y = (x[:, 0] > 0).long()
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     before = [p.detach().clone() for p in model.parameters()]
-    result = fit(model, (x, y), (x[:50], y[:50]), RunSettings(output_dir=str(tmp_path / "run"), epochs=1,
-                                                              batch_size=32, compile=True, progress=False))
     try:
-        assert result.exit_code == 0 and math.isfinite(result.history[-1]["val_loss"])
+        first = run("first", epochs=1)
+        assert first.exit_code == 0 and math.isfinite(first.history[-1]["val_loss"])
         assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trained
         assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] == 1
-        assert any((tmp_path / "inductor").iterdir())  # the cache it will start from next time
+        assert any((tmp_path / "first").iterdir()) and (tmp_path / "run" / ARTIFACTS).stat().st_size > 0
+        second = run("second", epochs=2, resume="auto")
+        assert second.exit_code == 0 and [row["epoch"] for row in second.history] == [1, 2]
+        aot, inductor = counters["aot_autograd"], counters["inductor"]  # the file's, the cache being empty
+        assert aot["autograd_cache_hit"] == 1 and not aot["autograd_cache_miss"]
+        assert inductor["fxgraph_cache_hit"] >= 1 and not inductor["fxgraph_cache_miss"]
     finally:
         torch._dynamo.reset()

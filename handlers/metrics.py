@@ -95,9 +95,10 @@ class TrainMetrics:
     update per batch was ~1.5% of a small model's epoch; 50, the console's default cadence, so that its
     lines find the group just closed). The batches held back are part of
     :meth:`state_dict`, so a resumed run groups, and sums, exactly as an uninterrupted one. A group is
-    fed as runs of consecutive batches that concatenate (the same shapes past the batch, dtypes and
-    devices; sorted out when it is fed, not every step); a batch that joins neither neighbour (not
-    tensors) goes alone, and so do large ones. Where a group ends depends on the data alone, so the
+    fed concatenated where ``torch.cat`` can join it (the same shapes past the batch, one device), else
+    as runs of consecutive batches of one signature (shapes past the batch, dtypes, devices); a batch
+    that joins neither neighbour (not tensors) goes alone, and so do large ones (nothing of this is
+    checked every step). Where a group ends depends on the data alone, so the
     sums (float32, whose last bits depend on how they are grouped) are the same whatever prints them
     and how often: :meth:`running` feeds copies of the metrics. ``flush_every`` also closes the group
     after every batch of the epoch whose number is divisible by it (a line printed then finds nothing
@@ -164,18 +165,30 @@ class TrainMetrics:
             self._feed_group(self.metrics, group)
 
     def _feed_group(self, metrics: Mapping[str, Metric], group: list[tuple[Any, Any, Any]]) -> None:
-        """One update of each metric for each run of batches that concatenate (in the order they came)."""
+        """One update of each metric for the group concatenated (one check for the whole group: ``torch.cat``'s);
+        where it cannot be (other shapes past the batch, devices, not tensors, losses not scalars), one for each
+        run of batches that can, in the order they came."""
+        joined = self._joined(group) if len(group) > 1 else None
+        if joined is not None:
+            self._feed(metrics, *joined)
+            return
         for run in _runs(group):
-            self._feed(metrics, run)
+            joined = self._joined(run) if len(run) > 1 else None
+            for loss, y_pred, y in run if joined is None else [joined]:
+                self._feed(metrics, loss, y_pred, y)
 
     @torch.no_grad()
-    def _feed(self, metrics: Mapping[str, Metric], group: list[tuple[Any, Any, Any]]) -> None:
-        if len(group) == 1:
-            loss, y_pred, y = group[0]
-        else:
+    def _joined(self, group: list[tuple[Any, Any, Any]]) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
+        """(loss, y_pred, y) of the batches concatenated: the loss their per-sample mean (the steps' means
+        weighted by their batch sizes, no host copy; ``None`` when ``loss_fn`` computes it), or ``None``."""
+        try:
             y_pred, y = torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group])
-            if self.loss_fn is None:  # the steps' mean losses, weighted by their batch sizes (no host copy)
-                loss = _weighted_sum(group) / len(y)
+            return (None if self.loss_fn is not None else _weighted_sum(group) / y.shape[0]), y_pred, y
+        except (RuntimeError, TypeError, ValueError):
+            return None
+
+    @torch.no_grad()
+    def _feed(self, metrics: Mapping[str, Metric], loss: Any, y_pred: Any, y: Any) -> None:
         metrics["loss"].update((y_pred.float(), y) if self.loss_fn is not None else (loss, y))
         if "accuracy" in metrics:
             metrics["accuracy"].update(self.accuracy_view((y_pred, y)))
@@ -235,11 +248,16 @@ def _saved(t: Any) -> Any:
 
 def _weighted_sum(group: list[tuple[Any, Any, Any]]) -> torch.Tensor:
     """The sum of each step's mean loss times its batch size: one multiplication for a group whose batches are
-    of one size (the same products, to the bit, as one per step, and no copy to the device), else one a step."""
+    of one size (the same products, to the bit, as one per step, and no copy to the device), else one a step.
+    ``ValueError`` if the losses are not scalars."""
     sizes = [g[2].shape[0] for g in group]  # not len(): Tensor.__len__ is Python, ~1 us a call
     if sizes.count(sizes[0]) == len(sizes):
-        return torch.stack([g[0] for g in group]).mul_(sizes[0]).sum()
-    return torch.stack([g[0] * n for g, n in zip(group, sizes)]).sum()
+        losses = torch.stack([g[0] for g in group]).mul_(sizes[0])
+    else:
+        losses = torch.stack([g[0] * n for g, n in zip(group, sizes)])
+    if losses.dim() != 1:
+        raise ValueError("the steps' losses are not scalars")
+    return losses.sum()
 
 
 def _runs(group: list[tuple[Any, Any, Any]]) -> list[list[tuple[Any, Any, Any]]]:

@@ -75,14 +75,14 @@ def main() -> None:
         ratios, eager_times, account = [], [], ""
         for r in range(args.rounds):
             order = (False, True) if r % 2 == 0 else (True, False)
-            took = {}
+            took, accuracy = {}, {}
             for compiled in order:
-                took[compiled], acc, text = run(cache, outs / f"r{r}{compiled}", compiled, args.extra)
+                took[compiled], accuracy[compiled], text = run(cache, outs / f"r{r}{compiled}", compiled, args.extra)
                 account = text or account
             eager_times.append(took[False])
             ratios.append(took[True] / took[False])
-            print(f"round {r + 1}: eager {took[False]:.2f} s, compiled {took[True]:.2f} s ({acc:.2%}), "
-                  f"ratio {ratios[-1]:.3f}")
+            print(f"round {r + 1}: eager {took[False]:.2f} s ({accuracy[False]:.2%}), compiled {took[True]:.2f} s "
+                  f"({accuracy[True]:.2%}), ratio {ratios[-1]:.3f}")
     print(account.replace("; ", "\n  ") if account else "(no compile account)")
     print(f"compile_second_ratio={statistics.median(ratios):.3f} "
           f"first_ratio={first / statistics.median(eager_times):.3f}")

@@ -43,16 +43,17 @@ def _listed(rows: list[int]) -> str:
     return ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
 
 
-def _inputs_finite(batch: Any, device: torch.device) -> torch.Tensor | None:
-    """Whether every floating input tensor of ``batch`` on ``device`` is finite, as a tensor there (no
-    wait); ``None`` when none of its inputs is there."""
-    found = None
+def _inputs_total(batch: Any, device: torch.device) -> torch.Tensor | None:
+    """The sum of every floating input tensor of ``batch`` on ``device``, in float32, as a tensor there (no wait;
+    one reduction a tensor): finite exactly when the inputs are, or but for a sum that overflows, which inputs
+    of ~1e38 earn too; ``None`` when none of the batch's inputs is there."""
+    total = None
     for part, value in _parts(batch):
         for t in tensors_in(value):
             if part == "inputs" and t.is_floating_point() and t.device == device:
-                ok = torch.isfinite(t).all()
-                found = ok if found is None else found & ok
-    return found
+                s = t.sum(dtype=torch.float32)
+                total = s if total is None else total + s
+    return total
 
 
 def _set_rows(data: Any) -> list[int]:
@@ -70,10 +71,11 @@ class NanGuard:
     so that no non-finite model becomes ``best`` or replaces the last good ``last_*.pt``.
 
     ``check_every``: iterations between reads of the loss on the host. 1 (a CPU, where reading it
-    costs nothing): every iteration. More (a GPU, where a read waits for the step to finish): the
-    first non-finite iteration is recorded on the device without waiting, and read every
-    ``check_every`` iterations, at each epoch's end and whenever ``triggered`` is asked (before any
-    save), so the run stops a few steps later but nothing non-finite is ever saved.
+    costs nothing): every iteration. More (a GPU, where a read waits for the step to finish): each
+    iteration's loss is held as it is and its inputs summed on the device (one kernel a step, no wait:
+    the record was 17 operators), and the losses held are read at once every ``check_every``
+    iterations, at each epoch's end and whenever ``triggered`` is asked (before any save), so the run
+    stops a few steps later but nothing non-finite is ever saved.
     """
 
     def __init__(self, log: Callable[[str], None] = print, check_every: int = 1, data: Any = None) -> None:
@@ -82,10 +84,9 @@ class NanGuard:
         self.log = log
         self.check_every = check_every
         self.data = data  # the training loader: a set held in memory (``.x``) is searched for the samples at fault
-        self._bad_inputs: torch.Tensor | None = None  # deferred: whether that iteration's inputs were not finite
         self.triggered_at: tuple[int, int] | None = None
         self._world = 1
-        self._first_bad: torch.Tensor | None = None  # deferred: the first non-finite iteration (0: none), on the device
+        self._held: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # deferred: (iteration, loss, inputs' sum)
         self._engine: Engine | None = None
         self._inner = TerminateOnNan(output_transform=self._loss)
         self._inner.logger.setLevel(logging.ERROR)  # our own line replaces its warning
@@ -99,7 +100,7 @@ class NanGuard:
 
     @property
     def triggered(self) -> bool:
-        if self.triggered_at is None and self._first_bad is not None and self._engine is not None:
+        if self.triggered_at is None and self._held and self._engine is not None:
             self._read(self._engine)
         return self.triggered_at is not None
 
@@ -114,32 +115,28 @@ class NanGuard:
 
     def _reset(self, engine: Engine) -> None:
         self.triggered_at = None
-        self._first_bad = None
+        self._held = []
         self._world = idist.get_world_size()
 
     def _record(self, engine: Engine) -> None:
-        """Deferred: the iteration, if the loss is not finite and none was before, kept on the device."""
+        """Deferred: the iteration's loss and its inputs' sum kept as they are, on the device (at most one
+        reduction a step, no wait); :meth:`_read` looks at them all at once."""
         loss = self._loss(engine.state.output).detach()
-        if self._first_bad is None:
-            self._first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
-            self._bad_inputs = torch.zeros((), dtype=torch.bool, device=loss.device)
-        first = (self._first_bad == 0) & ~torch.isfinite(loss)
-        self._first_bad = torch.where(first, engine.state.iteration, self._first_bad)
-        finite = _inputs_finite(engine.state.batch, loss.device)  # None: inputs elsewhere (on the host: not read)
-        if finite is not None:
-            self._bad_inputs = self._bad_inputs | (first & ~finite)
+        self._held.append((engine.state.iteration, loss, _inputs_total(engine.state.batch, loss.device)))
 
     def _read(self, engine: Engine) -> None:
-        """Deferred: read the record (the host waits here); stop the run at a non-finite loss."""
-        if self._first_bad is None or self.triggered_at is not None:
+        """Deferred: read the losses held (the host waits here, once); stop the run at a non-finite one."""
+        if not self._held or self.triggered_at is not None:
             return
-        first = int(self._first_bad)
-        if first:
+        held, self._held = self._held, []
+        bad = ~torch.isfinite(torch.stack([loss if loss.dim() == 0 else loss.sum() for _, loss, _ in held]))
+        if bool(bad.any()):
+            first, loss, inputs = held[int(bad.nonzero()[0])]
             engine.terminate()
             length = engine.state.epoch_length
             epoch = (first - 1) // length + 1 if length else engine.state.epoch
             self.triggered_at = (epoch, first)
-            if bool(self._bad_inputs):
+            if inputs is not None and not bool(torch.isfinite(inputs)):
                 rows = _set_rows(self.data)
                 shown = f" (sample(s) {_listed(rows)} of the training set)" if rows else ""
                 self.log(f"Stopped: the training batch at epoch {epoch}, iteration {first} holds NaN or infinite inputs"
@@ -147,7 +144,7 @@ class NanGuard:
                          f"data set and its transforms. No checkpoint was written from this state")
                 return
             self.log(f"Stopped: the training loss became non-finite at epoch {epoch}, iteration {first} (seen at "
-                     f"iteration {engine.state.iteration}: on {self._first_bad.device.type} it is read every "
+                     f"iteration {engine.state.iteration}: on {loss.device.type} it is read every "
                      f"{self.check_every} iterations); no checkpoint was written from this state (try a lower "
                      f"{param('lr')}, or {param('clip_grad_norm')})")
 

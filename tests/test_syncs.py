@@ -11,6 +11,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import RunSettings
 from engine.device import RunDevice
@@ -86,3 +87,44 @@ def test_the_nan_guard_reads_the_loss_every_iteration_only_where_that_costs_noth
                     tensorboard=False), handlers=[counter])  # fmt: skip
     per_iteration = {sum(c.values()) for i, c in counter.by_iteration.items() if i % 10}  # not at the epoch's end
     assert per_iteration == {expected}
+
+
+class Kernels(TorchDispatchMode):
+    """Counts the operators that compute (a GPU's kernel launches); views and metadata left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func not in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+            self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_on_a_gpus_policy_an_ordinary_iteration_s_handlers_launch_one_kernel(tmp_path, monkeypatch):
+    """The NaN guard's deferred record is the inputs' sum (the losses are held as they are), the train metrics
+    append; everything else waits for the console's cadence (25 here) or the groups' (50)."""
+    monkeypatch.setattr(RunDevice, "defer_reads", property(lambda self: True))
+    kernels: dict[int, Counter] = {}
+
+    class CountKernels:
+        def attach(self, trainer) -> None:
+            fire = trainer._fire_event
+
+            def counted(event, *args, **kwargs):
+                if event != Events.ITERATION_COMPLETED:
+                    return fire(event, *args, **kwargs)
+                with Kernels() as mode:
+                    result = fire(event, *args, **kwargs)
+                kernels[trainer.state.iteration] = mode.ops
+                return result
+
+            trainer._fire_event = counted
+
+    x = torch.randn(3200, 4)
+    fit(torch.nn.Linear(4, 2), (x, (x[:, 0] > 0).long()), (x[:32], (x[:32, 0] > 0).long()),
+        RunSettings(output_dir=str(tmp_path / "r"), epochs=1, batch_size=32, log_every=25, progress=False),
+        handlers=[CountKernels()])  # fmt: skip
+    ordinary = {i: dict(ops) for i, ops in kernels.items() if i % 25}
+    assert len(ordinary) == 96 and all(ops == {"aten.sum": 1} for ops in ordinary.values()), ordinary

@@ -103,8 +103,9 @@ class Kernels(TorchDispatchMode):
 
 
 def test_on_a_gpus_policy_an_ordinary_iteration_s_handlers_launch_one_kernel(tmp_path, monkeypatch):
-    """The NaN guard's deferred record is the inputs' sum (the losses are held as they are), the train metrics
-    append; everything else waits for the console's cadence (25 here) or the groups' (50)."""
+    """Over an iteration's events, the NaN guard's deferred record is the inputs' sum (the losses are held as
+    they are), the train metrics append; everything else waits for the console's cadence (25 here) or the
+    groups' (50)."""
     monkeypatch.setattr(RunDevice, "defer_reads", property(lambda self: True))
     kernels: dict[int, Counter] = {}
 
@@ -113,11 +114,11 @@ def test_on_a_gpus_policy_an_ordinary_iteration_s_handlers_launch_one_kernel(tmp
             fire = trainer._fire_event
 
             def counted(event, *args, **kwargs):
-                if event != Events.ITERATION_COMPLETED:
+                if event not in EVENTS:
                     return fire(event, *args, **kwargs)
                 with Kernels() as mode:
                     result = fire(event, *args, **kwargs)
-                kernels[trainer.state.iteration] = mode.ops
+                kernels.setdefault(trainer.state.iteration, Counter()).update(mode.ops)
                 return result
 
             trainer._fire_event = counted

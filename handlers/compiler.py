@@ -6,6 +6,7 @@ past a cleared cache."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -90,12 +91,19 @@ class CompiledArtifacts(RunFeature):
     @staticmethod
     def load(path: Path) -> bool:
         """Put the file's artifacts into the compile cache; whether they were."""
+        torch_log = logging.getLogger("torch.compiler._cache")  # its traceback for a damaged file: our line instead
+        level = torch_log.level
+        torch_log.setLevel(logging.CRITICAL)
         try:
-            torch.compiler.load_cache_artifacts(path.read_bytes())
-            return True
-        except Exception as exc:  # another torch's file, or a damaged one: compiled afresh
-            write_line(f"warning: {path} could not be loaded ({type(exc).__name__}: {exc}); compiling afresh")
-            return False
+            if torch.compiler.load_cache_artifacts(path.read_bytes()) is not None:
+                return True
+            why = "damaged, or written by another torch"
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        finally:
+            torch_log.setLevel(level)
+        write_line(f"warning: {path} could not be loaded ({why}); compiling afresh")
+        return False
 
     def save(self, engine: Engine | None = None) -> None:
         """Write what this process compiled, if it compiled more than the file holds (nothing, when every graph

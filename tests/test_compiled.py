@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.compiled import CompiledModel, leading_size
 from engine.trainer import _innermost
-from handlers.compiler import ARTIFACTS, warm_compiler
+from handlers.compiler import ARTIFACTS, CompiledArtifacts, warm_compiler
 
 
 class Graphs:
@@ -145,3 +145,19 @@ def test_a_compiled_run_traces_one_graph_and_its_folder_carries_it_to_an_empty_c
         assert inductor["fxgraph_cache_hit"] >= 1 and not inductor["fxgraph_cache_miss"]
     finally:
         torch._dynamo.reset()
+
+
+def test_a_damaged_artifacts_file_is_one_line_and_the_run_compiles_afresh(tmp_path, capsys):
+    path = tmp_path / ARTIFACTS
+    path.write_bytes(b"not what torch.compiler.save_cache_artifacts wrote")
+    assert CompiledArtifacts.load(path) is False
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"warning: {path} could not be loaded") and "compiling afresh" in out[0]
+
+
+def test_nothing_compiled_writes_no_artifacts_file(tmp_path):
+    torch._dynamo.reset()
+    artifacts = CompiledArtifacts()
+    artifacts.path = tmp_path / ARTIFACTS
+    artifacts.save()
+    assert not artifacts.path.exists() and artifacts.written == 0

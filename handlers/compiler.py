@@ -6,6 +6,7 @@ past a cleared cache."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -44,10 +45,14 @@ def compile_cache() -> Path:
 
 
 def _warm() -> None:
-    import torch._dynamo
-    import torch._inductor.compile_fx  # noqa: F401
+    if not torch.cuda.is_available():  # its "No CUDA runtime is found, using CUDA_HOME=..." says nothing on a CPU
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # Dynamo, Inductor, and torch's C++ extension module (setuptools: Inductor's C++ builder, at the first graph)
+    for module in ("torch._dynamo", "torch._inductor.compile_fx", "torch.utils.cpp_extension"):
+        importlib.import_module(module)
     from torch._inductor.codecache import CacheBase, torch_key
 
+    torch._dynamo.list_backends()  # imports every backend, as the first graph would
     torch_key()  # cached for the process: the first graph finds it
     CacheBase.get_system()
 

@@ -72,26 +72,34 @@ class CompiledArtifacts(RunFeature):
     """With ``--compile``: the run's compiled graphs and kernels (``torch.compiler.save_cache_artifacts()``: the
     FX graph and AOTAutograd cache entries, and with ``TORCH_CACHING_PRECOMPILE=1`` Dynamo's own, which spares
     the next process the tracing too) written to ``compile_artifacts.bin`` in the run's folder after each epoch
-    that compiled something new, and at the run's end (rank 0). A run started in a folder that holds the file
+    that compiled something new, and at the run's end (rank 0; a run whose graphs all came from the cache
+    compiled nothing, and writes no file: torch records what it compiles, not what it finds). A run started in
+    a folder that holds the file
     (``--resume``) loads it into the cache first (``load_cache_artifacts``): its graphs come from there even
     where the cache folder is empty. A file that cannot be read is one line, and the run compiles afresh."""
 
     def __init__(self) -> None:
         self.path: Path | None = None
-        self.written = 0  # artifacts in the file this run wrote
+        self.written = 0  # artifacts this process had compiled when the file was last written (or the run began)
 
     @classmethod
     def of(cls, parts: RunParts) -> CompiledArtifacts | None:
         return cls() if parts.settings.compile else None
 
     def after_attach(self, run: Run, parts: RunParts) -> None:
-        self.path = Path(run.output_dir) / ARTIFACTS
-        if self.path.is_file():
-            self.load(self.path)
+        self.start(Path(run.output_dir) / ARTIFACTS)
         if idist.get_rank() == 0:
             run.trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save)
             run.trainer.add_event_handler(Events.COMPLETED, self.save)
             run.trainer.add_event_handler(Events.TERMINATE, self.save)
+
+    def start(self, path: Path) -> None:
+        """The run's file: loaded if there is one; from now on written when this process has compiled more than
+        it had (torch keeps one record a process: a process that compiled before writes that work too)."""
+        self.path = path
+        if path.is_file():
+            self.load(path)
+        self.written = _count(torch.compiler.save_cache_artifacts())
 
     @staticmethod
     def load(path: Path) -> bool:
@@ -114,11 +122,13 @@ class CompiledArtifacts(RunFeature):
         """Write what this process compiled, if it compiled more than the file holds (nothing, when every graph
         came from the cache)."""
         saved = torch.compiler.save_cache_artifacts()
-        if saved is None or self.path is None:
-            return
-        data, info = saved
-        count = sum(len(keys) for keys in info.artifacts.values())
-        if count > self.written:
+        count = _count(saved)
+        if saved is not None and self.path is not None and count > self.written:
             with atomic_file(self.path, "wb", suffix=".bin") as f:
-                f.write(data)
+                f.write(saved[0])
             self.written = count
+
+
+def _count(saved: tuple | None) -> int:
+    """How many artifacts ``torch.compiler.save_cache_artifacts()`` returned."""
+    return 0 if saved is None else sum(len(keys) for keys in saved[1].artifacts.values())

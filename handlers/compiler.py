@@ -57,14 +57,21 @@ def _warm() -> None:
     CacheBase.get_system()
 
 
+_warming: list[threading.Thread] = []  # the process's one warming thread, once started
+
+
 def warm_compiler() -> threading.Thread:
     """Start the compiler's per-process costs in a daemon thread (~1 s on a 2-core CPU: the imports, the hash of
     torch's sources); the first compiled call finds them done, or waits on the import lock for the rest. On a
-    machine without CUDA, Inductor's hash of Triton's files (which no cache key there holds) is skipped."""
+    machine without CUDA, Inductor's hash of Triton's files (which no cache key there holds) is skipped. Once a
+    process: a second call returns the first call's thread."""
     compile_cache()
+    if _warming:
+        return _warming[0]
     skip_unused_triton_key()
     thread = threading.Thread(target=_warm, name="warm-compiler", daemon=True)
     thread.start()
+    _warming.append(thread)
     return thread
 
 

@@ -33,7 +33,7 @@ from engine.compiled import CompiledModel
 from engine.device import RunDevice, process_device, returned_home, send_home
 from engine.errors import ConfigError
 from handlers.attach import attach_run
-from handlers.compiler import CompiledArtifacts, compile_cache
+from handlers.compiler import CompiledArtifacts, compile_cache, warm_compiler
 from handlers.console import write_line
 from handlers.data_wait import DataWaitHint
 from handlers.ema import WeightAverage
@@ -98,6 +98,8 @@ def build_run(
     settings = (settings or RunSettings()).check()
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if settings.compile:
+        warm_compiler()  # while the data goes to the device and the first batches are checked (the CLI: earlier)
     parts = RunParts(model, settings, process_device(settings.device),  # decided once: everything below asks it
                      ModelCalls.of(prepare_batch, model_fn, model_transform, output_transform), name, classification,
                      engine_options={"batch_transform": train_transform, "pair_transform": pair_transform})

@@ -104,6 +104,7 @@ def test_warm_compiler_imports_inductor_and_hashes_torch_in_a_thread(monkeypatch
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     thread = warm_compiler()
+    assert warm_compiler() is thread  # once a process: the front door and the launcher both ask
     thread.join(timeout=120)
     assert not thread.is_alive() and "torch._inductor.compile_fx" in sys.modules
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ignite-trainer" / "compile")

@@ -16,7 +16,7 @@ def leading_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
     """The batch dimension of a call's first tensor (positional, then keyword, then one level into a dict,
     list or tuple); ``None`` when there is none."""
     for value in (*args, *kwargs.values()):
-        if type(value) is torch.Tensor or isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor):
             return value.shape[0] if value.dim() else None
         inner = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
         for item in inner:

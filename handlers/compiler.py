@@ -6,6 +6,7 @@ past a cleared cache."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -18,6 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from engine.files import atomic_file
+from engine.imports import frozen_imports
 from handlers.adapters import inductor_default_cache, skip_unused_triton_key
 from handlers.console import write_line
 from handlers.feature import RunFeature, RunParts
@@ -47,9 +49,11 @@ def compile_cache() -> Path:
 def _warm() -> None:
     if not torch.cuda.is_available():  # its "No CUDA runtime is found, using CUDA_HOME=..." says nothing on a CPU
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    # Dynamo, Inductor, and torch's C++ extension module (setuptools: Inductor's C++ builder, at the first graph)
-    for module in ("torch._dynamo", "torch._inductor.compile_fx", "torch.utils.cpp_extension"):
-        importlib.import_module(module)
+    # Dynamo, Inductor, and torch's C++ extension module (setuptools: Inductor's C++ builder, at the first graph),
+    # without the collector rescanning what they create (as torch's own import: engine/imports.py)
+    with frozen_imports():
+        for module in ("torch._dynamo", "torch._inductor.compile_fx", "torch.utils.cpp_extension"):
+            importlib.import_module(module)
     from torch._inductor.codecache import CacheBase, torch_key
 
     torch._dynamo.list_backends()  # imports every backend, as the first graph would
@@ -57,7 +61,13 @@ def _warm() -> None:
     CacheBase.get_system()
 
 
-_warming: list[threading.Thread] = []  # the process's one warming thread, once started
+@functools.cache
+def _warming() -> threading.Thread:
+    """The process's one warming thread, started at the first call."""
+    skip_unused_triton_key()
+    thread = threading.Thread(target=_warm, name="warm-compiler", daemon=True)
+    thread.start()
+    return thread
 
 
 def warm_compiler() -> threading.Thread:
@@ -66,24 +76,17 @@ def warm_compiler() -> threading.Thread:
     machine without CUDA, Inductor's hash of Triton's files (which no cache key there holds) is skipped. Once a
     process: a second call returns the first call's thread."""
     compile_cache()
-    if _warming:
-        return _warming[0]
-    skip_unused_triton_key()
-    thread = threading.Thread(target=_warm, name="warm-compiler", daemon=True)
-    thread.start()
-    _warming.append(thread)
-    return thread
+    return _warming()
 
 
 class CompiledArtifacts(RunFeature):
     """With ``--compile``: the run's compiled graphs and kernels (``torch.compiler.save_cache_artifacts()``: the
     FX graph and AOTAutograd cache entries, and with ``TORCH_CACHING_PRECOMPILE=1`` Dynamo's own, which spares
     the next process the tracing too) written to ``compile_artifacts.bin`` in the run's folder after each epoch
-    that compiled something new, and at the run's end (rank 0; a run whose graphs all came from the cache
-    compiled nothing, and writes no file: torch records what it compiles, not what it finds). A run started in
-    a folder that holds the file
-    (``--resume``) loads it into the cache first (``load_cache_artifacts``): its graphs come from there even
-    where the cache folder is empty. A file that cannot be read is one line, and the run compiles afresh."""
+    that compiled something new, and when a run stops inside an epoch (rank 0; a run whose graphs all came from
+    the cache compiled nothing, and writes no file: torch records what it compiles, not what it finds). A run
+    started in a folder that holds the file (``--resume``) loads it into the cache first
+    (``load_cache_artifacts``): its graphs come from there even where the cache folder is empty. A file that cannot be read is one line, and the run compiles afresh."""
 
     def __init__(self) -> None:
         self.path: Path | None = None
@@ -96,9 +99,8 @@ class CompiledArtifacts(RunFeature):
     def after_attach(self, run: Run, parts: RunParts) -> None:
         self.start(Path(run.output_dir) / ARTIFACTS)
         if idist.get_rank() == 0:
-            run.trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save)
-            run.trainer.add_event_handler(Events.COMPLETED, self.save)
-            run.trainer.add_event_handler(Events.TERMINATE, self.save)
+            run.trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save)  # after the validation: its graph too
+            run.trainer.add_event_handler(Events.TERMINATE, self.save)  # a run stopped inside an epoch
 
     def start(self, path: Path) -> None:
         """The run's file: loaded if there is one; from now on written when this process has compiled more than

@@ -86,7 +86,8 @@ class CompiledArtifacts(RunFeature):
     that compiled something new, and when a run stops inside an epoch (rank 0; a run whose graphs all came from
     the cache compiled nothing, and writes no file: torch records what it compiles, not what it finds). A run
     started in a folder that holds the file (``--resume``) loads it into the cache first
-    (``load_cache_artifacts``): its graphs come from there even where the cache folder is empty. A file that cannot be read is one line, and the run compiles afresh."""
+    (``load_cache_artifacts``): its graphs come from there even where the cache folder is empty. A file that
+    cannot be read is one line, and the run compiles afresh."""
 
     def __init__(self) -> None:
         self.path: Path | None = None
